@@ -1,0 +1,1 @@
+"""Triton kernels for gsopt (shipped as `gsopt.kernels`), each beside its plain-torch reference."""
