@@ -1,0 +1,158 @@
+"""Load Granite Speech: a named variant with random weights, or a local Hugging Face snapshot.
+
+Real snapshots hold stale extra shards beside the current ones, so the shard set comes from
+`model.safetensors.index.json` (never a glob). Every key and shape is checked before any
+weight is copied, and each problem is reported as one `GsoptError` naming keys or files.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from fms import models
+from fms.utils import serialization
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from gsopt.config import VARIANTS, GraniteSpeechConfig, from_hf_config, read_json
+from gsopt.errors import GsoptError
+from gsopt.lora import LORA_MODES, LoraMode, attach_audio_lora, parse_peft_adapter, random_adapter
+from gsopt.model import ARCHITECTURE, GraniteSpeech
+
+INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_SHOWN_KEYS = 5
+
+
+def _listing(keys: set[str] | list[str]) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else ""
+    return ", ".join(keys[:_SHOWN_KEYS]) + more
+
+
+def weight_files(folder: Path) -> dict[Path, set[str] | None]:
+    """The shards to read, each with the keys the index assigns it (None: take all)."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        weight_map: dict[str, str] = read_json(index).get("weight_map", {})
+        shards: dict[Path, set[str] | None] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(folder / shard, set()).add(key)
+        missing = [p.name for p in shards if not p.exists()]
+        if missing:
+            raise GsoptError(
+                f"{folder}: shard(s) {_listing(missing)} listed in {INDEX_FILE} are missing; "
+                "download the complete snapshot"
+            )
+        return shards
+    single = folder / "model.safetensors"
+    if single.exists():
+        return {single: None}
+    raise GsoptError(f"{folder}: no model.safetensors or {INDEX_FILE}; is this a checkpoint folder?")
+
+
+def _read_tensors(files: dict[Path, set[str] | None]) -> dict[str, torch.Tensor]:
+    """Read the listed tensors, with a progress bar for big checkpoints (stderr, tty only)."""
+    total = sum(p.stat().st_size for p in files)
+    state_dict: dict[str, torch.Tensor] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
+              disable=None if total > 256 * 2**20 else True) as bar:
+        for path, wanted in files.items():
+            try:
+                with safe_open(path, framework="pt") as f:
+                    present = set(f.keys())
+                    keys = present if wanted is None else wanted
+                    absent = keys - present
+                    if absent:
+                        raise GsoptError(
+                            f"{path.name}: lacks {_listing(absent)} that {INDEX_FILE} places there"
+                        )
+                    for key in sorted(keys):
+                        state_dict[key] = f.get_tensor(key)
+            except SafetensorError as e:
+                raise GsoptError(f"{path}: not a readable safetensors file ({e})") from None
+            bar.update(path.stat().st_size)
+    return state_dict
+
+
+def _check_state_dict(model: GraniteSpeech, state_dict: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    optional = {"decoder.head.weight"} if model.config.decoder.tie_heads else set()
+    missing = expected.keys() - state_dict.keys() - optional
+    unexpected = state_dict.keys() - expected.keys()
+    if missing:
+        raise GsoptError(f"checkpoint is missing {len(missing)} weight(s): {_listing(missing)}")
+    if unexpected:
+        raise GsoptError(
+            f"checkpoint has {len(unexpected)} unexpected weight(s): {_listing(unexpected)}"
+        )
+    for key, tensor in state_dict.items():
+        if tensor.shape != expected[key].shape:
+            raise GsoptError(
+                f"checkpoint weight {key} has shape {tuple(tensor.shape)}, the config.json "
+                f"model expects {tuple(expected[key].shape)}"
+            )
+
+
+def _adapter(folder: Path) -> tuple[dict | None, dict | None]:
+    if not (folder / ADAPTER_CONFIG).exists():
+        return None, None
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise GsoptError(f"{folder}: {ADAPTER_CONFIG} is present but {ADAPTER_WEIGHTS} is missing")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise GsoptError(f"{weights}: not a readable safetensors file ({e})") from None
+    return read_json(folder / ADAPTER_CONFIG), parse_peft_adapter(tensors)
+
+
+def load_checkpoint(folder: Path, dtype: torch.dtype, lora: LoraMode) -> GraniteSpeech:
+    adapter_config, adapter = _adapter(folder)
+    config = from_hf_config(read_json(folder / "config.json"), adapter_config)
+    with torch.device("meta"):
+        model = GraniteSpeech(config)
+    state_dict = serialization.get_adapted(
+        ARCHITECTURE, "hf", _read_tensors(weight_files(folder)), {"model_config": config}
+    )
+    _check_state_dict(model, state_dict)
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.post_init()
+    if adapter is not None:
+        attach_audio_lora(model, adapter, lora)
+    return model
+
+
+def load_model(
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    lora: LoraMode = "live",
+    seed: int = 0,
+) -> GraniteSpeech:
+    """A variant name (random weights, random adapter of the published rank) or a checkpoint
+    folder (config.json, safetensors shards, optional adapter_config.json +
+    adapter_model.safetensors). `lora` is `live`, `merged` or `none`."""
+    if lora not in LORA_MODES:
+        raise GsoptError(f"unknown lora mode {lora!r}: choose one of {', '.join(LORA_MODES)}")
+    if str(source) in VARIANTS:
+        torch.manual_seed(seed)
+        model = models.get_model(ARCHITECTURE, str(source), data_type=dtype)
+        config: GraniteSpeechConfig = model.config
+        if config.lora_rank:
+            generator = torch.Generator().manual_seed(seed)
+            attach_audio_lora(model, random_adapter(config, generator), lora)
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise GsoptError(
+                f"{source}: neither a variant ({', '.join(VARIANTS)}) nor a checkpoint folder"
+            )
+        model = load_checkpoint(folder, dtype, lora)
+    return model.to(device).eval()
