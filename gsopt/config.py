@@ -136,7 +136,7 @@ VARIANTS: dict[str, GraniteSpeechConfig] = {
         decoder=_decoder(
             src_vocab_size=320, emb_dim=64, nlayers=2, nheads=4, kvheads=2, head_dim=16,
             ffn=128, rope_theta=1e4, attention_multiplier=0.25, logits_scaling=4.0,
-            tie_heads=True, pad_id=0,
+            tie_heads=False, pad_id=0,
         ),
         audio_token_id=319, eos_token_id=0, lora_rank=4, lora_alpha=8.0,
     ),

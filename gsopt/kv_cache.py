@@ -45,14 +45,17 @@ class StaticKVCache:
 
 
 def _store(keys: torch.Tensor, values: torch.Tensor, key_cache: torch.Tensor,
-           value_cache: torch.Tensor, *, cache_positions: torch.Tensor, **_):
+           value_cache: torch.Tensor, *, cache_positions: torch.Tensor, prefill: bool = False,
+           **_):
     """Write [B, L, Hkv, D] keys/values at cache_positions [B, L]; attend over the fresh
     keys in prefill (they are the whole prefix) and over the cache in decode."""
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     index = cache_positions[:, None, :, None].expand_as(keys)
     key_cache.scatter_(2, index, keys)
     value_cache.scatter_(2, index, values)
-    return keys, values, key_cache, value_cache
+    if prefill:
+        return keys, values, key_cache, value_cache
+    return key_cache, value_cache, key_cache, value_cache
 
 
 def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, nheads: int,

@@ -32,7 +32,7 @@ TINY_TEXT = dict(
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
     max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.25,
-    logits_scaling=4.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+    logits_scaling=4.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
     eos_token_id=0,
 )
 AUDIO_TOKEN_ID = 319
@@ -47,7 +47,7 @@ def hf_config(encoder: dict | None = None, projector: dict | None = None, **text
         text_config=dict(TINY_TEXT, **text),
         audio_token_index=AUDIO_TOKEN_ID,
         has_lora_adapter=False,
-        tie_word_embeddings=TINY_TEXT["tie_word_embeddings"],
+        tie_word_embeddings=text.get("tie_word_embeddings", TINY_TEXT["tie_word_embeddings"]),
         window_size=15,
         downsample_rate=5,
     )
