@@ -1,0 +1,49 @@
+"""Audio files in, the model's input out: float32 mono at 16 kHz.
+
+soundfile reads WAV/FLAC/OGG (and MP3 where its libsndfile has it) at any rate and sample
+format; soxr at 'HQ' resamples, as librosa does by default. Channels are averaged before
+resampling, so the resampler runs once and stereo costs no more than mono.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+
+from gsopt.errors import GsoptError
+from gsopt.frontend import SAMPLE_RATE
+
+SAMPLE_AUDIO = Path(__file__).parent / "assets" / "sample.flac"
+"""Bundled English speech (espeak-ng, 6.7 s) for demos when no file is given."""
+
+
+def load_audio(path: str | os.PathLike) -> torch.Tensor:
+    """Read an audio file as a 1-D float32 tensor of mono samples at 16 kHz.
+
+    Raises GsoptError, one line naming the file, when the file is missing, is not audio that
+    libsndfile can decode, or holds no samples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GsoptError(f"{path}: no such audio file")
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except RuntimeError as exc:  # soundfile's errors derive from RuntimeError
+        reason = " ".join(getattr(exc, "error_string", str(exc)).split())
+        raise GsoptError(f"{path}: not a readable audio file ({reason})") from None
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if rate != SAMPLE_RATE and mono.size > 0:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    if mono.size == 0:  # also a sample or two at a high rate, resampled to nothing
+        raise GsoptError(f"{path}: the audio clip is empty (0 samples)")
+    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+
+def sample_audio() -> torch.Tensor:
+    """The bundled sample clip, loaded as `load_audio` loads any file."""
+    return load_audio(SAMPLE_AUDIO)
