@@ -51,15 +51,23 @@ def weight_files(folder: Path) -> dict[Path, set[str] | None]:
     single = folder / "model.safetensors"
     if single.exists():
         return {single: None}
-    raise GsoptError(f"{folder}: no model.safetensors or {INDEX_FILE}; is this a checkpoint folder?")
+    raise GsoptError(
+        f"{folder}: no model.safetensors or {INDEX_FILE}; is this a checkpoint folder?"
+    )
 
 
 def _read_tensors(files: dict[Path, set[str] | None]) -> dict[str, torch.Tensor]:
     """Read the listed tensors, with a progress bar for big checkpoints (stderr, tty only)."""
     total = sum(p.stat().st_size for p in files)
     state_dict: dict[str, torch.Tensor] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr,
-              disable=None if total > 256 * 2**20 else True) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="loading weights",
+        file=sys.stderr,
+        disable=None if total > 256 * 2**20 else True,
+    ) as bar:
         for path, wanted in files.items():
             try:
                 with safe_open(path, framework="pt") as f:

@@ -99,26 +99,57 @@ def _decoder(**fields: Any) -> GraniteConfig:
 VARIANTS: dict[str, GraniteSpeechConfig] = {
     "3.3-2b": GraniteSpeechConfig(
         decoder=_decoder(
-            src_vocab_size=49160, emb_dim=2048, nlayers=40, nheads=32, kvheads=8, head_dim=64,
-            ffn=8192, rope_theta=1e7, attention_multiplier=0.015625, logits_scaling=8.0,
-            tie_heads=True, pad_id=0,
+            src_vocab_size=49160,
+            emb_dim=2048,
+            nlayers=40,
+            nheads=32,
+            kvheads=8,
+            head_dim=64,
+            ffn=8192,
+            rope_theta=1e7,
+            attention_multiplier=0.015625,
+            logits_scaling=8.0,
+            tie_heads=True,
+            pad_id=0,
         ),
-        audio_token_id=49159, lora_rank=64, lora_alpha=32.0,
+        audio_token_id=49159,
+        lora_rank=64,
+        lora_alpha=32.0,
     ),
     "3.3-8b": GraniteSpeechConfig(
         decoder=_decoder(
-            src_vocab_size=49160, emb_dim=4096, nlayers=40, nheads=32, kvheads=8, head_dim=128,
-            ffn=12800, rope_theta=1e7, attention_multiplier=0.0078125, logits_scaling=16.0,
-            tie_heads=True, pad_id=0,
+            src_vocab_size=49160,
+            emb_dim=4096,
+            nlayers=40,
+            nheads=32,
+            kvheads=8,
+            head_dim=128,
+            ffn=12800,
+            rope_theta=1e7,
+            attention_multiplier=0.0078125,
+            logits_scaling=16.0,
+            tie_heads=True,
+            pad_id=0,
         ),
-        audio_token_id=49159, lora_rank=64, lora_alpha=32.0,
+        audio_token_id=49159,
+        lora_rank=64,
+        lora_alpha=32.0,
     ),
     "4.0-1b": GraniteSpeechConfig(
         encoder=ConformerConfig(output_dim=348),
         decoder=_decoder(
-            src_vocab_size=100353, emb_dim=2048, nlayers=40, nheads=16, kvheads=4, head_dim=128,
-            ffn=4096, rope_theta=1e4, attention_multiplier=0.0078125, logits_scaling=8.0,
-            tie_heads=False, pad_id=0,
+            src_vocab_size=100353,
+            emb_dim=2048,
+            nlayers=40,
+            nheads=16,
+            kvheads=4,
+            head_dim=128,
+            ffn=4096,
+            rope_theta=1e4,
+            attention_multiplier=0.0078125,
+            logits_scaling=8.0,
+            tie_heads=False,
+            pad_id=0,
         ),
         audio_token_id=100352,
     ),
@@ -126,19 +157,41 @@ VARIANTS: dict[str, GraniteSpeechConfig] = {
     # several attention blocks, the mid-layer CTC feedback, GQA and the audio LoRA.
     "tiny": GraniteSpeechConfig(
         encoder=ConformerConfig(
-            input_dim=160, num_layers=2, hidden_dim=32, num_heads=2, dim_head=16, output_dim=8,
-            context_size=8, max_pos_emb=16, conv_kernel_size=5,
+            input_dim=160,
+            num_layers=2,
+            hidden_dim=32,
+            num_heads=2,
+            dim_head=16,
+            output_dim=8,
+            context_size=8,
+            max_pos_emb=16,
+            conv_kernel_size=5,
         ),
         projector=QFormerConfig(
-            hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=64,
             encoder_hidden_size=32,
         ),
         decoder=_decoder(
-            src_vocab_size=320, emb_dim=64, nlayers=2, nheads=4, kvheads=2, head_dim=16,
-            ffn=128, rope_theta=1e4, attention_multiplier=0.25, logits_scaling=4.0,
-            tie_heads=False, pad_id=0,
+            src_vocab_size=320,
+            emb_dim=64,
+            nlayers=2,
+            nheads=4,
+            kvheads=2,
+            head_dim=16,
+            ffn=128,
+            rope_theta=1e4,
+            attention_multiplier=0.25,
+            logits_scaling=4.0,
+            tie_heads=False,
+            pad_id=0,
         ),
-        audio_token_id=319, eos_token_id=0, lora_rank=4, lora_alpha=8.0,
+        audio_token_id=319,
+        eos_token_id=0,
+        lora_rank=4,
+        lora_alpha=8.0,
     ),
 }
 
@@ -151,7 +204,9 @@ def get_variant(name: str) -> GraniteSpeechConfig:
 
 def _require(section: dict[str, Any], key: str, where: str) -> Any:
     if key not in section:
-        raise GsoptError(f"config.json: {where} has no {key!r}; is this a Granite Speech checkpoint?")
+        raise GsoptError(
+            f"config.json: {where} has no {key!r}; is this a Granite Speech checkpoint?"
+        )
     return section[key]
 
 
@@ -164,7 +219,9 @@ def _rope_theta(text: dict[str, Any]) -> float:
     return float(rope.get("rope_theta", text.get("rope_theta", 10_000.0)))
 
 
-def from_hf_config(hf: dict[str, Any], adapter: dict[str, Any] | None = None) -> GraniteSpeechConfig:
+def from_hf_config(
+    hf: dict[str, Any], adapter: dict[str, Any] | None = None
+) -> GraniteSpeechConfig:
     """Build the config from a checkpoint's config.json (and adapter_config.json, if any)."""
     if hf.get("model_type") != "granite_speech":
         raise GsoptError(
@@ -241,8 +298,10 @@ def from_hf_config(hf: dict[str, Any], adapter: dict[str, Any] | None = None) ->
     if adapter is not None:
         lora_rank, lora_alpha = int(adapter["r"]), float(adapter["lora_alpha"])
         targets = set(adapter.get("target_modules") or [])
-        if not targets <= {"q_proj", "v_proj"} or adapter.get("use_rslora") or adapter.get(
-            "use_dora"
+        if (
+            not targets <= {"q_proj", "v_proj"}
+            or adapter.get("use_rslora")
+            or adapter.get("use_dora")
         ):
             raise GsoptError(
                 "adapter_config.json: only a plain LoRA on q_proj/v_proj is supported, got "

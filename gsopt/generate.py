@@ -11,11 +11,13 @@ The loop syncs with the host only every `check_every` tokens, to stop at end-of-
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 from fms.modules.attention import get_attention_type
 from fms.utils.generation import pad_input_ids
 
 from gsopt.kv_cache import ATTN_NAME, StaticKVCache, bucket
+from gsopt.timing import StageTimer, stage
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -33,40 +35,69 @@ def right_pad(prompts: list[torch.Tensor], pad_id: int, multiple: int = 1):
     return ids, lengths
 
 
-def prefill_static(model, input_ids: torch.Tensor, lengths: torch.Tensor,
-                   audio_embeds: torch.Tensor | None, cache: list,
-                   decode_attention: str = "sdpa") -> torch.Tensor:
+def prefill_static(
+    model,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    audio_embeds: torch.Tensor | None,
+    cache: list,
+    decode_attention: str = "sdpa",
+) -> torch.Tensor:
     """Run the prompt, fill the static cache; returns the first generated token [B, 1]."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     hidden, _ = model.decoder.base_model(
-        model.embed(input_ids, audio_embeds), positions, cache, use_cache=True,
-        attn_name=ATTN_NAME, cache_positions=positions, prefill=True,
+        model.embed(input_ids, audio_embeds),
+        positions,
+        cache,
+        use_cache=True,
+        attn_name=ATTN_NAME,
+        cache_positions=positions,
+        prefill=True,
         decode_attention=decode_attention,
     )
     last = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))
     return logits_from_hidden(model, last).argmax(-1)
 
 
-def decode_one_token_static(model, tokens: torch.Tensor, positions: torch.Tensor, cache: list,
-                            decode_attention: str = "sdpa") -> torch.Tensor:
+def decode_one_token_static(
+    model,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: list,
+    decode_attention: str = "sdpa",
+) -> torch.Tensor:
     """One token per row at its own position; fixed shapes, no host sync."""
     hidden, _ = model.decoder.base_model(
-        model.embed(tokens, None), positions[:, None], cache, use_cache=True,
-        attn_name=ATTN_NAME, cache_positions=positions[:, None], prefill=False,
+        model.embed(tokens, None),
+        positions[:, None],
+        cache,
+        use_cache=True,
+        attn_name=ATTN_NAME,
+        cache_positions=positions[:, None],
+        prefill=False,
         decode_attention=decode_attention,
     )
     return logits_from_hidden(model, hidden).argmax(-1)
 
 
-def prefill_dynamic(model, prompts: list[torch.Tensor], audio_embeds: torch.Tensor | None,
-                    pad_id: int):
+def prefill_dynamic(
+    model, prompts: list[torch.Tensor], audio_embeds: torch.Tensor | None, pad_id: int
+):
     """FMS's stock path: left padding, float mask, growing cache."""
     ids, kwargs = pad_input_ids(prompts, pad_token_id=pad_id)
     device = model.decoder.head.weight.device
-    ids, mask, positions = ids.to(device), kwargs["mask"].to(device), kwargs["position_ids"].to(device)
+    ids, mask, positions = (
+        ids.to(device),
+        kwargs["mask"].to(device),
+        kwargs["position_ids"].to(device),
+    )
     hidden, cache = model.decoder.base_model(
-        model.embed(ids, audio_embeds), positions, None, use_cache=True,
-        attn_name="sdpa_causal", mask=mask,
+        model.embed(ids, audio_embeds),
+        positions,
+        None,
+        use_cache=True,
+        attn_name="sdpa_causal",
+        mask=mask,
     )
     return logits_from_hidden(model, hidden[:, -1:]).argmax(-1), cache, mask, positions[:, -1]
 
@@ -74,8 +105,12 @@ def prefill_dynamic(model, prompts: list[torch.Tensor], audio_embeds: torch.Tens
 def decode_one_token_dynamic(model, tokens, positions, cache, mask):
     mask = get_attention_type(attn_name="sdpa_causal")["update_attn_kwargs"](mask=mask)["mask"]
     hidden, cache = model.decoder.base_model(
-        model.embed(tokens, None), positions[:, None], cache, use_cache=True,
-        attn_name="sdpa_causal", mask=mask,
+        model.embed(tokens, None),
+        positions[:, None],
+        cache,
+        use_cache=True,
+        attn_name="sdpa_causal",
+        mask=mask,
     )
     return logits_from_hidden(model, hidden).argmax(-1), cache, mask
 
@@ -104,35 +139,37 @@ def generate(
     check_every: int = 8,
     prefill_bucket: int = 1,
     decode_attention: str = "sdpa",
-    decode_step: Callable | None = None,
-    prefill: Callable | None = None,
+    decode_step: Callable = decode_one_token_static,
+    prefill: Callable = prefill_static,
+    timer: StageTimer | None = None,
 ) -> torch.Tensor:
     """Greedy tokens [B, max_new_tokens] (rows past their end-of-text hold junk: use
-    `truncate_at_eos`). `decode_step`/`prefill` replace the static stages with compiled or
-    captured versions of the same functions."""
+    `truncate_at_eos`). `decode_step`/`prefill` replace the static-cache stages with compiled
+    or captured versions of the same functions."""
     device = model.decoder.head.weight.device
     pad_id = model.config.decoder.pad_id if model.config.decoder.pad_id >= 0 else 0
     if kv_cache == "dynamic":
-        token, cache, mask, positions = prefill_dynamic(model, prompts, audio_embeds, pad_id)
+        with stage(timer, "prefill"):
+            token, cache, mask, positions = prefill_dynamic(model, prompts, audio_embeds, pad_id)
     else:
         ids, lengths = right_pad(prompts, pad_id, prefill_bucket)
         ids, lengths = ids.to(device), lengths.to(device)
         cache = StaticKVCache.for_model(
             model, len(prompts), bucket(ids.shape[1] + max_new_tokens, 64)
         ).layers
-        token = (prefill or prefill_static)(model, ids, lengths, audio_embeds, cache,
-                                            decode_attention)
+        with stage(timer, "prefill"):
+            token = prefill(model, ids, lengths, audio_embeds, cache, decode_attention)
         positions = lengths
-        step_fn = decode_step or decode_one_token_static
     generated = [token]
     for i in range(1, max_new_tokens):
         if eos_id is not None and i % check_every == 0 and _finished(generated, eos_id):
             break
-        if kv_cache == "dynamic":
-            positions = positions + 1
-            token, cache, mask = decode_one_token_dynamic(model, token, positions, cache, mask)
-        else:
-            token = step_fn(model, token, positions, cache, decode_attention)
-            positions = positions + 1
+        with stage(timer, "decode"):
+            if kv_cache == "dynamic":
+                positions = positions + 1
+                token, cache, mask = decode_one_token_dynamic(model, token, positions, cache, mask)
+            else:
+                token = decode_step(model, token, positions, cache, decode_attention)
+                positions = positions + 1
         generated.append(token.clone())
     return torch.cat(generated, 1)

@@ -23,12 +23,22 @@ DECODE_ATTENTION = ("sdpa", "math", "triton")
 class StaticKVCache:
     """Per-layer K/V buffers; `layers` is what FMS takes as `past_key_value_states`."""
 
-    def __init__(self, batch: int, max_len: int, nlayers: int, kvheads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        nlayers: int,
+        kvheads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         shape = (batch, kvheads, max_len, head_dim)
         self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(nlayers)
         ]
         self.max_len = max_len
@@ -37,16 +47,30 @@ class StaticKVCache:
     def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> StaticKVCache:
         dec = model.config.decoder
         weight = model.decoder.base_model.embedding.weight
-        return cls(batch, max_len, dec.nlayers, dec.kvheads or dec.nheads, dec.head_dim,
-                   weight.dtype, weight.device)
+        return cls(
+            batch,
+            max_len,
+            dec.nlayers,
+            dec.kvheads or dec.nheads,
+            dec.head_dim,
+            weight.dtype,
+            weight.device,
+        )
 
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
 
-def _store(keys: torch.Tensor, values: torch.Tensor, key_cache: torch.Tensor,
-           value_cache: torch.Tensor, *, cache_positions: torch.Tensor, prefill: bool = False,
-           **_):
+def _store(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    *,
+    cache_positions: torch.Tensor,
+    prefill: bool = False,
+    **_,
+):
     """Write [B, L, Hkv, D] keys/values at cache_positions [B, L]; attend over the fresh
     keys in prefill (they are the whole prefix) and over the cache in decode."""
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
@@ -58,21 +82,46 @@ def _store(keys: torch.Tensor, values: torch.Tensor, key_cache: torch.Tensor,
     return key_cache, value_cache, key_cache, value_cache
 
 
-def _prefill(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, nheads: int,
-             kvheads: int, p_dropout: float, scale: float, **_) -> torch.Tensor:
+def _prefill(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    nheads: int,
+    kvheads: int,
+    p_dropout: float,
+    scale: float,
+    **_,
+) -> torch.Tensor:
     """Causal attention within the (right-padded) prompt; pads come last, so real tokens
     never see them."""
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), keys, values, is_causal=True,
-                                         scale=scale, enable_gqa=nheads != kvheads)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        keys,
+        values,
+        is_causal=True,
+        scale=scale,
+        enable_gqa=nheads != kvheads,
+    )
     return out.transpose(1, 2)
 
 
-def _decode_sdpa(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 lengths: torch.Tensor, scale: float, gqa: bool) -> torch.Tensor:
+def _decode_sdpa(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    gqa: bool,
+) -> torch.Tensor:
     valid = torch.arange(key_cache.shape[2], device=key_cache.device) < lengths[:, None]
-    return F.scaled_dot_product_attention(query, key_cache, value_cache,
-                                          attn_mask=valid[:, None, None, :], scale=scale,
-                                          enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        query,
+        key_cache,
+        value_cache,
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+        enable_gqa=gqa,
+    )
 
 
 def _decode_math(query, key_cache, value_cache, lengths, scale, gqa):
@@ -93,9 +142,19 @@ _DECODE_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def _decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-            nheads: int, kvheads: int, p_dropout: float, scale: float, *,
-            cache_positions: torch.Tensor, decode_attention: str = "sdpa", **_) -> torch.Tensor:
+def _decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    nheads: int,
+    kvheads: int,
+    p_dropout: float,
+    scale: float,
+    *,
+    cache_positions: torch.Tensor,
+    decode_attention: str = "sdpa",
+    **_,
+) -> torch.Tensor:
     """One query per row against that row's first `position + 1` cache slots."""
     lengths = cache_positions[:, -1] + 1
     impl = _DECODE_IMPLS[decode_attention]
@@ -107,8 +166,9 @@ def _is_prefill(*, prefill: bool = False, **_) -> bool:
     return prefill
 
 
-register_attention_op(ATTN_NAME, _store, _prefill, is_prefill_op=_is_prefill,
-                      compute_decode_op=_decode)
+register_attention_op(
+    ATTN_NAME, _store, _prefill, is_prefill_op=_is_prefill, compute_decode_op=_decode
+)
 
 
 def bucket(length: int, multiple: int) -> int:

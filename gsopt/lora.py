@@ -30,8 +30,9 @@ class LoRAQKVLinear(nn.Linear):
     """FMS's fused qkv Linear plus a switchable low-rank delta (same `weight` key as before)."""
 
     def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device="meta")
+        super().__init__(
+            base.in_features, base.out_features, bias=base.bias is not None, device="meta"
+        )
         self.weight = base.weight
         self.bias = base.bias
         self.lora_a = nn.Parameter(lora_a, requires_grad=False)
@@ -47,16 +48,20 @@ class LoRAQKVLinear(nn.Linear):
 
     def merged(self) -> nn.Linear:
         """A plain Linear with the delta folded in (for speech-only serving)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta")
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
+        )
         delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
-        linear.weight = nn.Parameter((self.weight.float() + delta).to(self.weight.dtype),
-                                     requires_grad=False)
+        linear.weight = nn.Parameter(
+            (self.weight.float() + delta).to(self.weight.dtype), requires_grad=False
+        )
         linear.bias = self.bias
         return linear
 
 
-def parse_peft_adapter(state_dict: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+def parse_peft_adapter(
+    state_dict: Mapping[str, torch.Tensor],
+) -> dict[int, dict[str, torch.Tensor]]:
     """Group a peft adapter's tensors by layer: {layer: {"qA", "qB", "vA", "vB"}}."""
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
@@ -78,8 +83,12 @@ def random_adapter(config: GraniteSpeechConfig, generator: torch.Generator | Non
         return torch.randn(*shape, generator=generator) * std
 
     return {
-        i: {"qA": randn(r, dec.emb_dim), "qB": randn(q_out, r), "vA": randn(r, dec.emb_dim),
-            "vB": randn(v_out, r)}
+        i: {
+            "qA": randn(r, dec.emb_dim),
+            "qB": randn(q_out, r),
+            "vA": randn(r, dec.emb_dim),
+            "vB": randn(v_out, r),
+        }
         for i in range(dec.nlayers)
     }
 
@@ -109,8 +118,9 @@ def _fused_factors(
     return torch.cat([parts["qA"], parts["vA"]]), lora_b
 
 
-def attach_audio_lora(model: nn.Module, adapter: dict[int, dict[str, torch.Tensor]],
-                      mode: LoraMode = "live") -> None:
+def attach_audio_lora(
+    model: nn.Module, adapter: dict[int, dict[str, torch.Tensor]], mode: LoraMode = "live"
+) -> None:
     """Install the adapter on every decoder layer's fused qkv projection, live or merged."""
     if mode not in LORA_MODES:
         raise GsoptError(f"unknown lora mode {mode!r}: choose one of {', '.join(LORA_MODES)}")
@@ -126,8 +136,9 @@ def attach_audio_lora(model: nn.Module, adapter: dict[int, dict[str, torch.Tenso
         base = layer.attn.in_proj.qkv_fused
         lora_a, lora_b = _fused_factors(adapter[i], i, config)
         device, dtype = base.weight.device, base.weight.dtype
-        wrapped = LoRAQKVLinear(base, lora_a.to(device, dtype), lora_b.to(device, dtype),
-                                config.lora_scale)
+        wrapped = LoRAQKVLinear(
+            base, lora_a.to(device, dtype), lora_b.to(device, dtype), config.lora_scale
+        )
         layer.attn.in_proj.qkv_fused = wrapped.merged() if mode == "merged" else wrapped
     model.lora_mode = mode
 

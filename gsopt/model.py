@@ -25,7 +25,10 @@ ARCHITECTURE = "granite_speech"
 
 
 def scatter_audio(
-    input_ids: torch.Tensor, text_embeds: torch.Tensor, audio_embeds: torch.Tensor, audio_token_id: int
+    input_ids: torch.Tensor,
+    text_embeds: torch.Tensor,
+    audio_embeds: torch.Tensor,
+    audio_token_id: int,
 ) -> torch.Tensor:
     """Put row b's audio embeddings, in order, at row b's audio-token positions.
 
@@ -109,8 +112,9 @@ class GraniteSpeech(nn.Module):
             set_lora_enabled(self, input_features is not None if use_lora is None else use_lora)
         audio = None
         if input_features is not None:
-            audio = self.embed_audio(input_features.to(self.projector.query.dtype),
-                                     input_features_mask)
+            audio = self.embed_audio(
+                input_features.to(self.projector.query.dtype), input_features_mask
+            )
         return self.decoder(
             self.embed(input_ids, audio),
             position_ids=position_ids,
@@ -160,7 +164,9 @@ def _granite_decoder(
 ) -> dict[str, Any]:
     """Run FMS's own granite `hf` adapter (names, RoPE permutation, qkv fusion) on the decoder."""
     granite_hf = serialization._get_adapter("granite", "hf")
-    decoder_sd = {k.removeprefix("decoder."): v for k, v in input_sd.items() if k.startswith("decoder.")}
+    decoder_sd = {
+        k.removeprefix("decoder."): v for k, v in input_sd.items() if k.startswith("decoder.")
+    }
     new_sd = {k: v for k, v in input_sd.items() if not k.startswith("decoder.")}
     if decoder_sd:
         decoder_config = model_config.decoder if model_config is not None else None

@@ -12,33 +12,70 @@ import torch
 from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
 
 TINY_ENCODER = dict(
-    input_dim=160, num_layers=2, hidden_dim=32, feedforward_mult=4, num_heads=2, dim_head=16,
-    output_dim=8, context_size=8, max_pos_emb=16, conv_kernel_size=5, conv_expansion_factor=2,
+    input_dim=160,
+    num_layers=2,
+    hidden_dim=32,
+    feedforward_mult=4,
+    num_heads=2,
+    dim_head=16,
+    output_dim=8,
+    context_size=8,
+    max_pos_emb=16,
+    conv_kernel_size=5,
+    conv_expansion_factor=2,
     dropout=0.0,
 )
 # The published encoder width (1024, 8 heads of 128, context 200) with few layers.
 REAL_WIDTH_ENCODER = dict(
-    TINY_ENCODER, num_layers=2, hidden_dim=1024, num_heads=8, dim_head=128, output_dim=16,
-    context_size=200, max_pos_emb=512, conv_kernel_size=15,
+    TINY_ENCODER,
+    num_layers=2,
+    hidden_dim=1024,
+    num_heads=8,
+    dim_head=128,
+    output_dim=16,
+    context_size=200,
+    max_pos_emb=512,
+    conv_kernel_size=15,
 )
 TINY_PROJECTOR = dict(
-    model_type="blip_2_qformer", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-    intermediate_size=64, layer_norm_eps=1e-12, encoder_hidden_size=32,
-    cross_attention_frequency=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    model_type="blip_2_qformer",
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    layer_norm_eps=1e-12,
+    encoder_hidden_size=32,
+    cross_attention_frequency=1,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
     hidden_act="gelu",
 )
 TINY_TEXT = dict(
-    model_type="granite", vocab_size=320, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-    max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.25,
-    logits_scaling=4.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+    model_type="granite",
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=512,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    embedding_multiplier=12.0,
+    residual_multiplier=0.22,
+    attention_multiplier=0.25,
+    logits_scaling=4.0,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
     eos_token_id=0,
 )
 AUDIO_TOKEN_ID = 319
 
 
-def hf_config(encoder: dict | None = None, projector: dict | None = None, **text) -> GraniteSpeechConfig:
+def hf_config(
+    encoder: dict | None = None, projector: dict | None = None, **text
+) -> GraniteSpeechConfig:
     enc = dict(TINY_ENCODER, **(encoder or {}))
     proj = dict(TINY_PROJECTOR, encoder_hidden_size=enc["hidden_dim"], **(projector or {}))
     return GraniteSpeechConfig(

@@ -78,8 +78,13 @@ def test_greedy_32_tokens_match_reference_generate(checkpoint, kv_cache):
     features = torch.randn(1, 37, 160)
     ids = audio_prompt(37)[None]
     with torch.no_grad():
-        expected = ref.generate(input_ids=ids, input_features=features, max_new_tokens=32,
-                                min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+        expected = ref.generate(
+            input_ids=ids,
+            input_features=features,
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+        )[0, ids.shape[1] :]
         audio = model.embed_audio(features)
     assert len(set(expected.tolist())) > 4, "degenerate reference: the test would prove little"
     tokens = generate(model, [ids[0]], audio, 32, kv_cache=kv_cache)

@@ -1,0 +1,5 @@
+import sys
+
+from gsopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""The stages of Granite Speech as small tensor callables, and the pipeline that drives them.
+
+audio -> frontend -> encoder -> projector -> prefill -> decode loop. Each stage takes and
+returns tensors only, so a recipe can compile, capture or time it on its own without reaching
+into the model. `Stages.eager(model)` is the baseline; `gsopt.recipe.apply` swaps in
+optimised versions of the same functions.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from gsopt.encoder import encoder_frame_mask
+from gsopt.frontend import LogMelFrontend, num_audio_tokens
+from gsopt.generate import decode_one_token_static, generate, prefill_static
+from gsopt.timing import StageTimer, stage
+
+STAGES = ("frontend", "encoder", "projector", "prefill", "decode")
+
+
+def encode(model, features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """Encoder stage; padded frames are zeroed here so the projector sees a lone clip's zeros."""
+    hidden = model.encoder(features, frame_mask)
+    return hidden * frame_mask.unsqueeze(-1).to(hidden.dtype)
+
+
+def project(model, hidden: torch.Tensor) -> torch.Tensor:
+    return model.projector(hidden)
+
+
+@dataclass
+class Stages:
+    """One callable per stage. `kv_cache` and `decode_attention` say which decoder path the
+    prefill/decode callables belong to."""
+
+    frontend: Callable
+    encoder: Callable
+    projector: Callable
+    prefill: Callable
+    decode: Callable
+    kv_cache: str = "static"
+    decode_attention: str = "sdpa"
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def eager(cls, model, kv_cache: str = "static", decode_attention: str = "sdpa") -> Stages:
+        frontend = LogMelFrontend().to(model.decoder.head.weight.device)
+        return cls(
+            frontend=frontend,
+            encoder=functools.partial(encode, model),
+            projector=functools.partial(project, model),
+            prefill=prefill_static,
+            decode=decode_one_token_static,
+            kv_cache=kv_cache,
+            decode_attention=decode_attention,
+        )
+
+
+def prompt_for(audio_tokens: int, template: list[int], audio_token_id: int) -> torch.Tensor:
+    """Expand the single audio placeholder of a tokenised prompt to the clip's token count."""
+    at = template.index(audio_token_id)
+    return torch.tensor(template[:at] + [audio_token_id] * audio_tokens + template[at + 1 :])
+
+
+class Pipeline:
+    """Drives the stages. Returns greedy tokens [B, max_new_tokens] per call."""
+
+    def __init__(
+        self, model, stages: Stages | None = None, check_every: int = 8, prefill_bucket: int = 1
+    ):
+        self.model = model
+        self.stages = stages or Stages.eager(model)
+        self.check_every = check_every
+        self.prefill_bucket = prefill_bucket
+        self.device = model.decoder.head.weight.device
+
+    def batch(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([len(w) for w in waveforms])
+        padded = torch.zeros(len(waveforms), int(lengths.max()))
+        for row, wave in enumerate(waveforms):
+            padded[row, : len(wave)] = wave
+        return padded.to(self.device), lengths.to(self.device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        waveforms: list[torch.Tensor],
+        template: list[int],
+        max_new_tokens: int,
+        eos_id: int | None = None,
+        timer: StageTimer | None = None,
+    ) -> torch.Tensor:
+        model, stages = self.model, self.stages
+        dtype = model.projector.query.dtype
+        waves, lengths = self.batch(waveforms)
+        with stage(timer, "frontend"):
+            features, frames = stages.frontend(waves, lengths)
+        with stage(timer, "encoder"):
+            frame_mask = encoder_frame_mask(frames, features.shape[1])
+            hidden = stages.encoder(features.to(dtype), frame_mask)
+        with stage(timer, "projector"):
+            audio = stages.projector(hidden)
+        prompts = [
+            prompt_for(num_audio_tokens(len(w)), template, model.config.audio_token_id)
+            for w in waveforms
+        ]
+        return generate(
+            model,
+            prompts,
+            audio,
+            max_new_tokens,
+            kv_cache=stages.kv_cache,
+            eos_id=eos_id,
+            check_every=self.check_every,
+            prefill_bucket=self.prefill_bucket,
+            decode_attention=stages.decode_attention,
+            decode_step=stages.decode,
+            prefill=stages.prefill,
+            timer=timer,
+        )
