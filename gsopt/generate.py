@@ -154,7 +154,7 @@ def generate(
     else:
         ids, lengths = right_pad(prompts, pad_id, prefill_bucket)
         ids, lengths = ids.to(device), lengths.to(device)
-        cache = StaticKVCache.for_model(
+        cache = StaticKVCache.pooled(
             model, len(prompts), bucket(ids.shape[1] + max_new_tokens, 64)
         ).layers
         with stage(timer, "prefill"):

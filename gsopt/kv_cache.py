@@ -57,6 +57,18 @@ class StaticKVCache:
             weight.device,
         )
 
+    @classmethod
+    def pooled(cls, model: torch.nn.Module, batch: int, max_len: int) -> StaticKVCache:
+        """One cache per shape, kept on the model: stable addresses for captured graphs and no
+        reallocation per request. Stale entries need no clearing: a row attends only to
+        slots it has written in this request."""
+        pool = model.__dict__.setdefault("_kv_cache_pool", {})
+        weight = model.decoder.base_model.embedding.weight
+        key = (batch, max_len, weight.dtype, weight.device)
+        if key not in pool:
+            pool[key] = cls.for_model(model, batch, max_len)
+        return pool[key]
+
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 

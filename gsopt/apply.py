@@ -1,0 +1,244 @@
+"""`gsopt apply`: run the eager baseline and a recipe on the same inputs, check that they
+agree, and report each stage's speed-up (table on stdout, report.json + report.md on disk)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from gsopt.audio import load_audio, sample_audio
+from gsopt.checkpoint import load_model
+from gsopt.errors import GsoptError
+from gsopt.pipeline import STAGES, Pipeline, Stages
+from gsopt.recipe import DTYPES, CompiledStage, Recipe, apply, load_recipe
+from gsopt.timing import StageTimer
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`cuda` without CUDA is a user error, not a crash."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise GsoptError(f"unknown device {name!r}: choose cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GsoptError("--device cuda: this machine has no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def default_model(device: torch.device) -> tuple[str, str]:
+    """A real-size variant on a GPU, a size a 2-core CPU runs in seconds otherwise."""
+    return ("3.3-8b", "bfloat16") if device.type == "cuda" else ("cpu-small", "float32")
+
+
+def prompt_template(config) -> list[int]:
+    """Token ids around one audio placeholder. Random-weight variants have no tokenizer, and
+    timing and agreement checks need only a fixed, realistic prompt length."""
+    return [1, 2, 3, config.audio_token_id, *range(4, 20)]
+
+
+@dataclass
+class Run:
+    """Timings of one pipeline over repeated calls (the first call is kept apart: compile)."""
+
+    tokens: torch.Tensor
+    first: dict[str, float]
+    steady: dict[str, float]
+    decode_ms_per_token: float
+    total_ms: float
+
+
+def measure(pipeline: Pipeline, waves, template, max_new_tokens: int, repeats: int) -> Run:
+    runs: list[tuple[dict[str, list[float]], float]] = []
+    tokens = None
+    for _ in range(repeats + 1):
+        timer = StageTimer(pipeline.device)
+        start = time.perf_counter()
+        tokens = pipeline(waves, template, max_new_tokens, timer=timer)
+        runs.append((dict(timer.times), time.perf_counter() - start))
+
+    def per_call(times: dict[str, list[float]]) -> dict[str, float]:
+        return {s: 1e3 * sum(times.get(s, [0.0])) for s in STAGES}
+
+    steady = [per_call(t) for t, _ in runs[1:]]
+    return Run(
+        tokens=tokens.cpu(),
+        first=per_call(runs[0][0]),
+        steady={s: statistics.median(r[s] for r in steady) for s in STAGES},
+        decode_ms_per_token=1e3 * statistics.median(
+            step for t, _ in runs[1:] for step in t.get("decode", [0.0])
+        ),
+        total_ms=1e3 * statistics.median(total for _, total in runs[1:]),
+    )
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
+    """(row, token index) of the first differing greedy token, or None."""
+    diff = (a != b).nonzero()
+    if len(diff) == 0:
+        return None
+    row, col = min(diff.tolist(), key=lambda rc: (rc[1], rc[0]))
+    return row, col
+
+
+def stage_rows(stages: Stages, eager: Run, optimised: Run) -> list[dict[str, Any]]:
+    rows = []
+    for stage in STAGES:
+        fn = getattr(stages, stage)
+        compiled = getattr(fn, "step", fn)  # a captured decode step wraps a compiled one
+        base = eager.decode_ms_per_token if stage == "decode" else eager.steady[stage]
+        opt = optimised.decode_ms_per_token if stage == "decode" else optimised.steady[stage]
+        rows.append({
+            "stage": stage,
+            "eager_ms": base,
+            "recipe_ms": opt,
+            "speedup": base / opt if opt > 0 else float("nan"),
+            "compile_s": max(0.0, (optimised.first[stage] - optimised.steady[stage]) / 1e3),
+            "graphs": getattr(compiled, "graphs", 0),
+            "graph_breaks": getattr(compiled, "graph_breaks", 0),
+            "recompiles": getattr(compiled, "recompiles", 0),
+            "cudagraph_captures": getattr(fn, "captures", 0),
+            "backend": type(fn).__name__ if isinstance(fn, CompiledStage) or hasattr(fn, "captures")
+            else "eager",
+        })
+    return rows
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """What every recorded result names: device, versions, commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    import fms
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ibm-fms": getattr(fms, "__version__", "unknown"),
+        "commit": commit or "unknown",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Never leave a half-written report: write beside it, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    table = tabulate(
+        [[r["stage"], r["backend"], f"{r['eager_ms']:.2f}", f"{r['recipe_ms']:.2f}",
+          f"{r['speedup']:.2f}x", f"{r['compile_s']:.1f}", r["graphs"], r["graph_breaks"],
+          r["recompiles"], r["cudagraph_captures"]] for r in report["stages"]],
+        headers=["stage", "backend", "eager ms", "recipe ms", "speed-up", "compile s",
+                 "graphs", "breaks", "recompiles", "captures"],
+        tablefmt="github",
+    )
+    e2e = report["end_to_end"]
+    lines = [
+        f"# gsopt apply: {report['recipe']['name']}",
+        "",
+        f"{report['recipe']['description']}",
+        "",
+        f"Model `{report['model']}` ({report['dtype']}), {report['audio_seconds']:.1f} s of audio,"
+        f" {report['max_new_tokens']} new tokens, median of {report['repeats']} runs.",
+        f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
+        f"ibm-fms {env['ibm-fms']}; commit {env['commit']}; {env['date']}.",
+        "",
+        table,
+        "",
+        "decode: ms per token; other stages: ms per call.",
+        "",
+        f"End to end: eager {e2e['eager_ms']:.1f} ms, recipe {e2e['recipe_ms']:.1f} ms "
+        f"({e2e['speedup']:.2f}x).",
+        f"Agreement: {report['agreement']}.",
+    ]
+    if report["notes"]:
+        lines += ["", "Fallbacks on this machine:", *[f"- {n}" for n in report["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    recipe: Recipe = load_recipe(args.recipe)
+    model_name, default_dtype = default_model(device)
+    source = args.model or model_name
+    dtype_name = args.dtype or default_dtype
+    if dtype_name not in DTYPES:
+        raise GsoptError(f"unknown dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
+    waves = [load_audio(f) for f in args.audio] if args.audio else [sample_audio()]
+    model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
+    template = prompt_template(model.config)
+
+    eager = measure(Pipeline(model, Stages.eager(model, "dynamic")), waves, template,
+                    args.max_new_tokens, args.repeats)
+    stages = apply(model, recipe)
+    optimised = measure(
+        Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket), waves, template,
+        args.max_new_tokens, args.repeats,
+    )
+    divergence = first_divergence(eager.tokens, optimised.tokens)
+    same_precision = (recipe.dtype or dtype_name) == "float32" and dtype_name == "float32"
+    if divergence is None:
+        agreement = "greedy tokens identical to eager"
+    else:
+        agreement = f"first divergence at row {divergence[0]}, token {divergence[1]}"
+    report = {
+        "recipe": recipe.to_dict(),
+        "model": str(source),
+        "dtype": recipe.dtype or dtype_name,
+        "audio_seconds": sum(len(w) for w in waves) / 16000,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "environment": environment(device),
+        "stages": stage_rows(stages, eager, optimised),
+        "end_to_end": {"eager_ms": eager.total_ms, "recipe_ms": optimised.total_ms,
+                       "speedup": eager.total_ms / optimised.total_ms},
+        "agreement": agreement,
+        "tokens_identical": divergence is None,
+        "notes": stages.notes,
+    }
+    markdown = render_markdown(report)
+    out = Path(args.out)
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.md", markdown)
+    print(markdown, end="")
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    if divergence is not None and same_precision:
+        raise GsoptError(f"recipe {recipe.name} changed the fp32 greedy tokens ({agreement})")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("apply", help="apply a recipe; check and time it against eager")
+    parser.add_argument("--recipe", required=True, help="a built-in recipe name or a .toml path")
+    parser.add_argument("--model", help="checkpoint folder or variant (default: fits the device)")
+    parser.add_argument("--audio", nargs="*", default=[], help="audio files (default: sample)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the first")
+    parser.add_argument("--out", default="gsopt-report", help="folder for report.json/.md")
+    parser.set_defaults(run=run)
+    return parser

@@ -1,0 +1,1 @@
+"""Built-in recipes, shipped as `gsopt.recipes` (TOML files read with importlib.resources)."""

@@ -1,0 +1,134 @@
+"""Recipes against eager on the tiny model; compile counts; recipe-file errors; fallbacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch._dynamo.testing
+from helpers import AUDIO_TOKEN_ID
+
+import gsopt
+from gsopt.cli import main
+from gsopt.generate import decode_one_token_static, generate
+from gsopt.pipeline import Pipeline, Stages
+from gsopt.recipe import apply, builtin_recipes, load_recipe
+
+TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
+CUDA_ONLY = {"cudagraph-decoder", "reduce-overhead", "best"}
+
+
+def tiny(device="cpu"):
+    return gsopt.load_model("tiny", device=device, seed=1)
+
+
+def waves():
+    torch.manual_seed(0)
+    return [torch.randn(16000), torch.randn(7000)]
+
+
+@pytest.fixture(scope="module")
+def eager_tokens():
+    model = tiny()
+    return Pipeline(model, Stages.eager(model, "dynamic"))(waves(), TEMPLATE, 24)
+
+
+def test_builtin_recipes_exist():
+    assert set(builtin_recipes()) >= {
+        "eager", "compile-encoder", "compile-decoder", "static-kv", "cudagraph-decoder",
+        "max-autotune", "triton-attention", "best",
+    }
+
+
+# max-autotune is left out: on a 2-core CPU its autotuning takes minutes and proves nothing
+# that compile-decoder does not.
+@pytest.mark.parametrize(
+    "name", ["static-kv", "compile-encoder", "compile-decoder", "cudagraph-decoder",
+             "triton-attention", "best"],
+)
+def test_recipe_tokens_equal_eager(name, eager_tokens):
+    torch._dynamo.reset()
+    model = tiny()
+    recipe = load_recipe(name)
+    stages = apply(model, recipe)
+    tokens = Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket)(
+        waves(), TEMPLATE, 24
+    )
+    assert len(set(eager_tokens[0].tolist())) > 3
+    assert torch.equal(tokens, eager_tokens)
+    if name in CUDA_ONLY and not torch.cuda.is_available():
+        assert any("cudagraph needs CUDA" in note for note in stages.notes)
+
+
+def test_static_decode_step_compiles_once():
+    """fullgraph=True; 64 steps and two prompt lengths in one bucket: one graph, no recompiles."""
+    torch._dynamo.reset()
+    model = tiny()
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(decode_one_token_static, backend=counter, fullgraph=True)
+    audio = model.embed_audio(torch.randn(1, 40, 160))
+    for extra in ([], [10, 11, 12, 13, 14, 15, 16, 17]):  # prompt lengths 20 and 28
+        prompt = torch.tensor([5, 6, *[AUDIO_TOKEN_ID] * 9, 7, 8, 9, *extra])
+        generate(model, [prompt], audio, 64, decode_step=step)
+    assert counter.frame_count == 1
+
+
+def test_recipe_file_errors(tmp_path):
+    cases = {
+        'kv_cache = "static"\nwarp_speed = true\n': "unknown key 'warp_speed'.*allowed: name",
+        '[decode]\nbackend = "jit"\n': "backend = 'jit' is not one of eager, compile",
+        '[encoder]\ncudagraph = true\n': r"unknown key 'cudagraph' in \[encoder\]",
+        '[prefill]\nattention = "triton"\n': r"unknown key 'attention' in \[prefill\]",
+        '[decode]\nfullgraph = "yes"\n': "fullgraph = 'yes' must be a bool",
+        'kv_cache = "paged"\n': "kv_cache = 'paged' is not one of dynamic, static",
+        "[decode\n": "not valid TOML",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "mine.toml"
+        path.write_text(text)
+        with pytest.raises(gsopt.GsoptError, match=message):
+            load_recipe(path)
+    with pytest.raises(gsopt.GsoptError, match="unknown recipe 'fastest'.*eager"):
+        load_recipe("fastest")
+
+
+def test_compiled_prefill_needs_static_cache(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('kv_cache = "dynamic"\n[decode]\nbackend = "compile"\n')
+    with pytest.raises(gsopt.GsoptError, match='needs kv_cache = "static"'):
+        apply(tiny(), load_recipe(path))
+
+
+def test_apply_command_writes_reports(tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["apply", "--recipe", "static-kv", "--model", "tiny", "--max-new-tokens", "8",
+                 "--repeats", "1", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["tokens_identical"]
+    assert [row["stage"] for row in report["stages"]] == [
+        "frontend", "encoder", "projector", "prefill", "decode"]
+    assert all(row["eager_ms"] > 0 and row["recipe_ms"] > 0 for row in report["stages"])
+    assert "| decode" in (out / "report.md").read_text()
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_apply_cuda_without_cuda_is_one_line_error(capsys):
+    code = main(["apply", "--recipe", "eager", "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "no CUDA device" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["cudagraph-decoder", "reduce-overhead"])
+def test_cuda_graph_recipes_equal_eager_on_gpu(name):
+    model = tiny("cuda")
+    expected = Pipeline(model, Stages.eager(model, "dynamic"))(waves(), TEMPLATE, 24)
+    stages = apply(model, load_recipe(name))
+    pipeline = Pipeline(model, stages)
+    assert torch.equal(pipeline(waves(), TEMPLATE, 24), expected)
+    assert torch.equal(pipeline(waves(), TEMPLATE, 24), expected)  # replays the capture
+    if name == "cudagraph-decoder":
+        assert stages.decode.captures == 1
