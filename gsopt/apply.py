@@ -76,9 +76,8 @@ def measure(pipeline: Pipeline, waves, template, max_new_tokens: int, repeats: i
         tokens=tokens.cpu(),
         first=per_call(runs[0][0]),
         steady={s: statistics.median(r[s] for r in steady) for s in STAGES},
-        decode_ms_per_token=1e3 * statistics.median(
-            step for t, _ in runs[1:] for step in t.get("decode", [0.0])
-        ),
+        decode_ms_per_token=1e3
+        * statistics.median(step for t, _ in runs[1:] for step in t.get("decode", [0.0])),
         total_ms=1e3 * statistics.median(total for _, total in runs[1:]),
     )
 
@@ -99,34 +98,43 @@ def stage_rows(stages: Stages, eager: Run, optimised: Run) -> list[dict[str, Any
         compiled = getattr(fn, "step", fn)  # a captured decode step wraps a compiled one
         base = eager.decode_ms_per_token if stage == "decode" else eager.steady[stage]
         opt = optimised.decode_ms_per_token if stage == "decode" else optimised.steady[stage]
-        rows.append({
-            "stage": stage,
-            "eager_ms": base,
-            "recipe_ms": opt,
-            "speedup": base / opt if opt > 0 else float("nan"),
-            "compile_s": max(0.0, (optimised.first[stage] - optimised.steady[stage]) / 1e3),
-            "graphs": getattr(compiled, "graphs", 0),
-            "graph_breaks": getattr(compiled, "graph_breaks", 0),
-            "recompiles": getattr(compiled, "recompiles", 0),
-            "cudagraph_captures": getattr(fn, "captures", 0),
-            "backend": type(fn).__name__ if isinstance(fn, CompiledStage) or hasattr(fn, "captures")
-            else "eager",
-        })
+        rows.append(
+            {
+                "stage": stage,
+                "eager_ms": base,
+                "recipe_ms": opt,
+                "speedup": base / opt if opt > 0 else float("nan"),
+                "compile_s": max(0.0, (optimised.first[stage] - optimised.steady[stage]) / 1e3),
+                "graphs": getattr(compiled, "graphs", 0),
+                "graph_breaks": getattr(compiled, "graph_breaks", 0),
+                "recompiles": getattr(compiled, "recompiles", 0),
+                "cudagraph_captures": getattr(fn, "captures", 0),
+                "backend": type(fn).__name__
+                if isinstance(fn, CompiledStage) or hasattr(fn, "captures")
+                else "eager",
+            }
+        )
     return rows
 
 
 def environment(device: torch.device) -> dict[str, str]:
     """What every recorded result names: device, versions, commit."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
     import fms
     import transformers
 
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -148,11 +156,33 @@ def write_atomic(path: Path, text: str) -> None:
 def render_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     table = tabulate(
-        [[r["stage"], r["backend"], f"{r['eager_ms']:.2f}", f"{r['recipe_ms']:.2f}",
-          f"{r['speedup']:.2f}x", f"{r['compile_s']:.1f}", r["graphs"], r["graph_breaks"],
-          r["recompiles"], r["cudagraph_captures"]] for r in report["stages"]],
-        headers=["stage", "backend", "eager ms", "recipe ms", "speed-up", "compile s",
-                 "graphs", "breaks", "recompiles", "captures"],
+        [
+            [
+                r["stage"],
+                r["backend"],
+                f"{r['eager_ms']:.2f}",
+                f"{r['recipe_ms']:.2f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['compile_s']:.1f}",
+                r["graphs"],
+                r["graph_breaks"],
+                r["recompiles"],
+                r["cudagraph_captures"],
+            ]
+            for r in report["stages"]
+        ],
+        headers=[
+            "stage",
+            "backend",
+            "eager ms",
+            "recipe ms",
+            "speed-up",
+            "compile s",
+            "graphs",
+            "breaks",
+            "recompiles",
+            "captures",
+        ],
         tablefmt="github",
     )
     e2e = report["end_to_end"]
@@ -191,12 +221,20 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
     template = prompt_template(model.config)
 
-    eager = measure(Pipeline(model, Stages.eager(model, "dynamic")), waves, template,
-                    args.max_new_tokens, args.repeats)
+    eager = measure(
+        Pipeline(model, Stages.eager(model, "dynamic")),
+        waves,
+        template,
+        args.max_new_tokens,
+        args.repeats,
+    )
     stages = apply(model, recipe)
     optimised = measure(
-        Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket), waves, template,
-        args.max_new_tokens, args.repeats,
+        Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket),
+        waves,
+        template,
+        args.max_new_tokens,
+        args.repeats,
     )
     divergence = first_divergence(eager.tokens, optimised.tokens)
     same_precision = (recipe.dtype or dtype_name) == "float32" and dtype_name == "float32"
@@ -213,8 +251,11 @@ def run(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "environment": environment(device),
         "stages": stage_rows(stages, eager, optimised),
-        "end_to_end": {"eager_ms": eager.total_ms, "recipe_ms": optimised.total_ms,
-                       "speedup": eager.total_ms / optimised.total_ms},
+        "end_to_end": {
+            "eager_ms": eager.total_ms,
+            "recipe_ms": optimised.total_ms,
+            "speedup": eager.total_ms / optimised.total_ms,
+        },
         "agreement": agreement,
         "tokens_identical": divergence is None,
         "notes": stages.notes,

@@ -157,14 +157,26 @@ VARIANTS: dict[str, GraniteSpeechConfig] = {
     # 32) at a quarter of the width, and a decoder about 1/60 of 3.3-8b's size.
     "cpu-small": GraniteSpeechConfig(
         encoder=ConformerConfig(num_layers=4, hidden_dim=256, num_heads=8, dim_head=32),
-        projector=QFormerConfig(hidden_size=256, num_heads=8, intermediate_size=1024,
-                                encoder_hidden_size=256),
-        decoder=_decoder(
-            src_vocab_size=49160, emb_dim=512, nlayers=8, nheads=8, kvheads=2, head_dim=64,
-            ffn=1536, rope_theta=1e7, attention_multiplier=0.015625, logits_scaling=8.0,
-            tie_heads=True, pad_id=0,
+        projector=QFormerConfig(
+            hidden_size=256, num_heads=8, intermediate_size=1024, encoder_hidden_size=256
         ),
-        audio_token_id=49159, lora_rank=16, lora_alpha=8.0,
+        decoder=_decoder(
+            src_vocab_size=49160,
+            emb_dim=512,
+            nlayers=8,
+            nheads=8,
+            kvheads=2,
+            head_dim=64,
+            ffn=1536,
+            rope_theta=1e7,
+            attention_multiplier=0.015625,
+            logits_scaling=8.0,
+            tie_heads=True,
+            pad_id=0,
+        ),
+        audio_token_id=49159,
+        lora_rank=16,
+        lora_alpha=8.0,
     ),
     # Small enough for unit tests and CPU demos; every structural feature is still there:
     # several attention blocks, the mid-layer CTC feedback, GQA and the audio LoRA.

@@ -18,8 +18,9 @@ class CUDAGraphDecode:
     def __init__(self, step: Callable, warmup: int = 2):
         self.step = step
         self.warmup = warmup
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
-                                       torch.Tensor]] = {}
+        self.graphs: dict[
+            tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
         self.captures = 0
 
     def _capture(self, model, tokens, positions, cache, decode_attention):
@@ -36,8 +37,14 @@ class CUDAGraphDecode:
         self.captures += 1
         return graph, static_tokens, static_positions, out
 
-    def __call__(self, model, tokens: torch.Tensor, positions: torch.Tensor, cache: list,
-                 decode_attention: str) -> torch.Tensor:
+    def __call__(
+        self,
+        model,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: list,
+        decode_attention: str,
+    ) -> torch.Tensor:
         key = (tokens.shape[0], cache[0][0].shape[2], cache[0][0].data_ptr(), decode_attention)
         if key not in self.graphs:
             self.graphs[key] = self._capture(model, tokens, positions, cache, decode_attention)

@@ -65,8 +65,12 @@ class Recipe:
 
 
 _ALLOWED_VALUES = {
-    "backend": BACKENDS, "mode": MODES, "attention": ATTENTIONS, "kv_cache": KV_CACHES,
-    "lora": LORAS, "dtype": tuple(DTYPES),
+    "backend": BACKENDS,
+    "mode": MODES,
+    "attention": ATTENTIONS,
+    "kv_cache": KV_CACHES,
+    "lora": LORAS,
+    "dtype": tuple(DTYPES),
 }
 
 
@@ -113,8 +117,9 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
 
 
 def builtin_recipes() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("gsopt.recipes").iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("gsopt.recipes").iterdir() if p.name.endswith(".toml")
+    )
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -156,8 +161,9 @@ class CompiledStage:
         graphs, breaks = _counters()
         start = time.perf_counter()
         out = self.fn(*args)
-        new_graphs, new_breaks = (after - before for after, before in
-                                  zip(_counters(), (graphs, breaks), strict=True))
+        new_graphs, new_breaks = (
+            after - before for after, before in zip(_counters(), (graphs, breaks), strict=True)
+        )
         if self.calls == 0:
             self.first_call_s = time.perf_counter() - start
         else:
@@ -177,10 +183,12 @@ def _portable(stage: str, settings: StageRecipe, cuda: bool, notes: list[str]) -
         changes.update(cudagraph=False, backend="compile")
         notes.append(f"{stage}: cudagraph needs CUDA; ran a compiled static-shape step instead")
     if settings.mode in ("reduce-overhead", "max-autotune"):
-        changes["mode"] = "default" if settings.mode == "reduce-overhead" else (
-            "max-autotune-no-cudagraphs")
-        notes.append(f"{stage}: mode {settings.mode} uses CUDA graphs; ran mode "
-                     f"{changes['mode']} instead")
+        changes["mode"] = (
+            "default" if settings.mode == "reduce-overhead" else ("max-autotune-no-cudagraphs")
+        )
+        notes.append(
+            f"{stage}: mode {settings.mode} uses CUDA graphs; ran mode {changes['mode']} instead"
+        )
     if settings.attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         changes["attention"] = "sdpa"
         notes.append(f"{stage}: triton attention needs CUDA (or TRITON_INTERPRET=1); ran sdpa")
@@ -210,7 +218,7 @@ def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
     for stage in ("prefill", "decode"):
         if not uses_static and settings[stage].backend != "eager":
             raise GsoptError(
-                f"recipe {recipe.name}: compiling {stage} needs kv_cache = \"static\" (the "
+                f'recipe {recipe.name}: compiling {stage} needs kv_cache = "static" (the '
                 "dynamic cache changes shape every step)"
             )
     stages = Stages.eager(model, recipe.kv_cache, settings["decode"].attention)

@@ -36,16 +36,29 @@ def eager_tokens():
 
 def test_builtin_recipes_exist():
     assert set(builtin_recipes()) >= {
-        "eager", "compile-encoder", "compile-decoder", "static-kv", "cudagraph-decoder",
-        "max-autotune", "triton-attention", "best",
+        "eager",
+        "compile-encoder",
+        "compile-decoder",
+        "static-kv",
+        "cudagraph-decoder",
+        "max-autotune",
+        "triton-attention",
+        "best",
     }
 
 
 # max-autotune is left out: on a 2-core CPU its autotuning takes minutes and proves nothing
 # that compile-decoder does not.
 @pytest.mark.parametrize(
-    "name", ["static-kv", "compile-encoder", "compile-decoder", "cudagraph-decoder",
-             "triton-attention", "best"],
+    "name",
+    [
+        "static-kv",
+        "compile-encoder",
+        "compile-decoder",
+        "cudagraph-decoder",
+        "triton-attention",
+        "best",
+    ],
 )
 def test_recipe_tokens_equal_eager(name, eager_tokens):
     torch._dynamo.reset()
@@ -78,7 +91,7 @@ def test_recipe_file_errors(tmp_path):
     cases = {
         'kv_cache = "static"\nwarp_speed = true\n': "unknown key 'warp_speed'.*allowed: name",
         '[decode]\nbackend = "jit"\n': "backend = 'jit' is not one of eager, compile",
-        '[encoder]\ncudagraph = true\n': r"unknown key 'cudagraph' in \[encoder\]",
+        "[encoder]\ncudagraph = true\n": r"unknown key 'cudagraph' in \[encoder\]",
         '[prefill]\nattention = "triton"\n': r"unknown key 'attention' in \[prefill\]",
         '[decode]\nfullgraph = "yes"\n': "fullgraph = 'yes' must be a bool",
         'kv_cache = "paged"\n': "kv_cache = 'paged' is not one of dynamic, static",
@@ -102,13 +115,31 @@ def test_compiled_prefill_needs_static_cache(tmp_path):
 
 def test_apply_command_writes_reports(tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["apply", "--recipe", "static-kv", "--model", "tiny", "--max-new-tokens", "8",
-                 "--repeats", "1", "--out", str(out)])
+    code = main(
+        [
+            "apply",
+            "--recipe",
+            "static-kv",
+            "--model",
+            "tiny",
+            "--max-new-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["tokens_identical"]
     assert [row["stage"] for row in report["stages"]] == [
-        "frontend", "encoder", "projector", "prefill", "decode"]
+        "frontend",
+        "encoder",
+        "projector",
+        "prefill",
+        "decode",
+    ]
     assert all(row["eager_ms"] > 0 and row["recipe_ms"] > 0 for row in report["stages"])
     assert "| decode" in (out / "report.md").read_text()
     assert not list(out.glob(".*"))  # no temporary files left behind
