@@ -1,0 +1,457 @@
+"""`gsopt bench`: sweep recipes x audio length x batch x new tokens x dtype, beside two
+transformers peers on the same weights, and write one JSON record (what `gsopt report`
+reads).
+
+Decoding is fixed-length (eos ignored) so every row does the same work. Per stage: median
+and p90 over the timed repeats, the first call kept apart as warm-up/compile. The decode
+roofline counts the bytes one step must read (`decode_step_bytes`) against the copy
+bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from gsopt.apply import default_model, environment, prompt_template, resolve_device, write_atomic
+from gsopt.audio import sample_audio
+from gsopt.checkpoint import load_model
+from gsopt.config import VARIANTS, GraniteSpeechConfig
+from gsopt.errors import GsoptError
+from gsopt.frontend import SAMPLE_RATE, LogMelFrontend, num_audio_tokens
+from gsopt.pipeline import STAGES, Pipeline, prompt_for
+from gsopt.recipe import DTYPES, apply, load_recipe
+from gsopt.timing import StageTimer
+
+SCHEMA = "gsopt-bench/1"
+PEERS = ("transformers-eager", "transformers-static-compile")
+
+
+def decode_step_bytes(
+    config: GraniteSpeechConfig, batch: int, cache_len: int, dtype: torch.dtype
+) -> int:
+    """Bytes one decode step must read: every decoder weight but the embedding table (the lm
+    head is read whether tied or not), the B embedding rows gathered, and K and V of
+    `cache_len` positions in every layer. Activations are ignored (B x emb_dim, tiny)."""
+    d = config.decoder
+    emb, hd = d.emb_dim, d.head_dim
+    ffn = int(d.hidden_grow_factor * emb)
+    q, kv = d.nheads * hd, d.kvheads * hd
+    attn = emb * (q + 2 * kv) + q * emb + ((q + 2 * kv) + emb if d.attn_bias else 0)
+    mlp = 3 * emb * ffn + (2 * ffn + emb if d.mlp_bias else 0)
+    per_layer = attn + mlp + 2 * emb  # two RMSNorm weights
+    weights = d.nlayers * per_layer + emb + d.src_vocab_size * emb  # + final norm + lm head
+    embedding_rows = batch * emb
+    kv_cache = d.nlayers * 2 * batch * cache_len * kv
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return (weights + embedding_rows + kv_cache) * itemsize
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
+    """Achieved bytes/s of a large `copy_` (read + write counted), the practical ceiling the
+    decode step is compared to."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        timer = StageTimer(device)
+        with timer("copy"):
+            dst.copy_(src)
+        times.append(timer.times["copy"][0])
+    return 2 * nbytes / statistics.median(times[1:])
+
+
+def hf_config_for(config: GraniteSpeechConfig):
+    """The transformers config of the same architecture (no LoRA adapter)."""
+    from transformers import GraniteSpeechConfig as HFConfig
+
+    e, p, d = config.encoder, config.projector, config.decoder
+    return HFConfig(
+        encoder_config=dict(
+            input_dim=e.input_dim,
+            num_layers=e.num_layers,
+            hidden_dim=e.hidden_dim,
+            feedforward_mult=e.feedforward_mult,
+            num_heads=e.num_heads,
+            dim_head=e.dim_head,
+            output_dim=e.output_dim,
+            context_size=e.context_size,
+            max_pos_emb=e.max_pos_emb,
+            conv_kernel_size=e.conv_kernel_size,
+            conv_expansion_factor=e.conv_expansion_factor,
+            dropout=0.0,
+        ),
+        projector_config=dict(
+            model_type="blip_2_qformer",
+            hidden_size=p.hidden_size,
+            num_hidden_layers=p.num_layers,
+            num_attention_heads=p.num_heads,
+            intermediate_size=p.intermediate_size,
+            layer_norm_eps=p.layer_norm_eps,
+            encoder_hidden_size=p.encoder_hidden_size,
+            cross_attention_frequency=p.cross_attention_frequency,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            hidden_act="gelu",
+        ),
+        text_config=dict(
+            model_type="granite",
+            vocab_size=d.src_vocab_size,
+            hidden_size=d.emb_dim,
+            intermediate_size=int(d.hidden_grow_factor * d.emb_dim),
+            num_hidden_layers=d.nlayers,
+            num_attention_heads=d.nheads,
+            num_key_value_heads=d.kvheads,
+            head_dim=d.head_dim,
+            rms_norm_eps=d.norm_eps,
+            max_position_embeddings=d.max_expected_seq_len,
+            rope_parameters={"rope_type": "default", "rope_theta": float(d.rope_theta)},
+            embedding_multiplier=d.embedding_multiplier,
+            residual_multiplier=d.residual_multiplier,
+            attention_multiplier=d.attention_multiplier,
+            logits_scaling=d.logits_scaling,
+            tie_word_embeddings=d.tie_heads,
+            attention_bias=d.attn_bias,
+            mlp_bias=d.mlp_bias,
+            pad_token_id=d.pad_id,
+            eos_token_id=config.eos_token_id,
+        ),
+        audio_token_index=config.audio_token_id,
+        has_lora_adapter=False,
+        tie_word_embeddings=d.tie_heads,
+        window_size=p.window_size,
+        downsample_rate=p.downsample_rate,
+    )
+
+
+def reference_pair(source: str, folder: Path, device: torch.device, dtype: torch.dtype):
+    """(gsopt model, transformers model) holding identical weights. A variant name gets
+    random transformers weights saved to `folder` first, so gsopt loads exactly those; a
+    checkpoint folder is loaded by both. The LoRA adapter is left out on both sides."""
+    from transformers import GraniteSpeechForConditionalGeneration as HFModel
+
+    if source in VARIANTS:
+        torch.manual_seed(0)
+        with torch.device(device):
+            hf = HFModel._from_config(hf_config_for(VARIANTS[source]), dtype=dtype)
+        hf.save_pretrained(folder)
+    else:
+        hf = HFModel.from_pretrained(source, dtype=dtype).to(device)
+        folder = Path(source)
+    return load_model(folder, device=device, dtype=dtype, lora="none"), hf.eval()
+
+
+def clip(seconds: float) -> torch.Tensor:
+    """The sample clip tiled (or cropped) to `seconds`."""
+    wave = sample_audio()
+    n = int(seconds * SAMPLE_RATE)
+    return wave.repeat(math.ceil(n / len(wave)))[:n]
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_kind(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated, reset before each row"
+    return "process peak RSS (getrusage ru_maxrss): monotonic over the whole run, not per row"
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+    return {"median_ms": 1e3 * statistics.median(ordered), "p90_ms": 1e3 * p90}
+
+
+def _summary(
+    calls: list[dict[str, list[float]]], totals: list[float], audio_s: float, tokens: int
+) -> dict[str, Any]:
+    """Stage and end-to-end statistics; calls[0]/totals[0] are the warm-up (compile) call."""
+    steady = calls[1:]
+    stages = {s: _stats([sum(c.get(s, [0.0])) for c in steady]) for s in STAGES if s in calls[0]}
+    median_s = statistics.median(totals[1:])
+    return {
+        "stages": stages,
+        "decode_ms_per_token": _stats([t for c in steady for t in c.get("decode", [])]),
+        "end_to_end": {
+            **_stats(totals[1:]),
+            "first_ms": 1e3 * totals[0],
+            "compile_s": max(0.0, totals[0] - median_s),
+            "rtf": median_s / audio_s,
+            "rtfx": audio_s / median_s,
+            "tokens_per_s": tokens / median_s,
+        },
+    }
+
+
+def measure_recipe(
+    model, recipe_name: str, waves, template, new_tokens: int, repeats: int, profile
+):
+    """Time one recipe's pipeline; returns (summary, notes)."""
+    recipe = load_recipe(recipe_name)
+    torch._dynamo.reset()
+    stages = apply(model, recipe)
+    pipeline = Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket)
+    calls, totals = [], []
+    for _ in range(repeats + 1):
+        timer = StageTimer(pipeline.device)
+        with timer("total"):
+            pipeline(waves, template, new_tokens, timer=timer)
+        totals.append(timer.times.pop("total")[0])
+        calls.append(dict(timer.times))
+    if profile is not None:
+        with torch.profiler.profile() as prof:
+            pipeline(waves, template, new_tokens)
+        profile.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(profile / f"{recipe_name}.json"))
+    return calls, totals, stages.notes
+
+
+class _StepClock:
+    """A generate() streamer that timestamps each token: the first put is the prompt, the
+    second the prefill's token, each later one a decode step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def measure_peer(hf, peer: str, waves, template, new_tokens: int, repeats: int):
+    """Time transformers' generate (eager, or static cache + compiled forward). The gsopt
+    log-mel frontend stands in for transformers' feature extractor, timed inside the call."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    device = hf.device
+    frontend = LogMelFrontend().to(device)
+    dtype = next(hf.parameters()).dtype
+    ids = torch.stack(
+        [prompt_for(num_audio_tokens(len(w)), template, hf.config.audio_token_index) for w in waves]
+    ).to(device)
+    waves_t = torch.stack(waves).to(device)
+    lengths = torch.full((len(waves),), waves_t.shape[1], device=device)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+    )
+    if peer == "transformers-static-compile":
+        config = CompileConfig(
+            fullgraph=False, mode="reduce-overhead" if device.type == "cuda" else "default"
+        )
+        config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
+        kwargs.update(cache_implementation="static", compile_config=config)
+    calls, totals = [], []
+    torch._dynamo.reset()
+    for _ in range(repeats + 1):
+        clock = _StepClock(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            features, _ = frontend(waves_t, lengths)
+            clock.put(None)
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                input_features=features.to(dtype),
+                streamer=clock,
+                **kwargs,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        totals.append(time.perf_counter() - start)
+        s = clock.stamps  # [frontend done, prompt put, prefill token, decode steps...]
+        if out.shape[1] - ids.shape[1] != new_tokens:
+            raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
+        calls.append(
+            {
+                "frontend": [s[0] - start],
+                "prefill": [s[2] - s[1]],  # encoder + projector + prefill: one forward
+                "decode": [b - a for a, b in zip(s[2:], s[3:], strict=False)],
+            }
+        )
+    return calls, totals
+
+
+def _point_rows(
+    model, hf, recipes, dtype_name, seconds, batch, new_tokens, args, copy_bw, device
+) -> list[dict[str, Any]]:
+    waves = [clip(seconds)] * batch
+    template = prompt_template(model.config)
+    audio_tokens = num_audio_tokens(len(waves[0]))
+    prompt_len = len(prompt_for(audio_tokens, template, model.config.audio_token_id))
+    audio_s, tokens = seconds * batch, batch * new_tokens
+    step_bytes = decode_step_bytes(
+        model.config, batch, prompt_len + new_tokens // 2, DTYPES[dtype_name]
+    )
+    names = ([*PEERS] if hf is not None else []) + recipes
+    rows = []
+    for name in names:
+        row: dict[str, Any] = dict(
+            name=name,
+            kind="peer" if name in PEERS else "recipe",
+            dtype=dtype_name,
+            audio_seconds=seconds,
+            batch=batch,
+            max_new_tokens=new_tokens,
+            prompt_tokens=prompt_len,
+            error=None,
+            notes=[],
+        )
+        _reset_peak(device)
+        try:
+            if name in PEERS:
+                calls, totals = measure_peer(hf, name, waves, template, new_tokens, args.repeats)
+            else:
+                model.to(DTYPES[dtype_name])  # a recipe may have cast it
+                calls, totals, row["notes"] = measure_recipe(
+                    model, name, waves, template, new_tokens, args.repeats, args.profile
+                )
+        except Exception as e:  # a peer or recipe that cannot run here is a result, not a crash
+            if name not in PEERS and isinstance(e, GsoptError):
+                raise
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rows.append(row)
+            continue
+        row.update(_summary(calls, totals, audio_s, tokens))
+        row["peak_memory_bytes"] = peak_memory(device)
+        step_s = row["decode_ms_per_token"]["median_ms"] / 1e3
+        row["roofline"] = {
+            "bytes_per_step": step_bytes,
+            "achieved_GBps": step_bytes / step_s / 1e9,
+            "mbu": step_bytes / step_s / copy_bw,
+            "floor_ms_per_token": 1e3 * step_bytes / copy_bw,
+        }
+        rows.append(row)
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Ratio of end-to-end medians, baseline / row, against each peer and gsopt eager."""
+    base = {r["name"]: r["end_to_end"]["median_ms"] for r in rows if r["error"] is None}
+    for row in rows:
+        if row["error"] is not None:
+            continue
+        mine = row["end_to_end"]["median_ms"]
+        row["speedup"] = {
+            f"vs_{ref}": base[ref] / mine if ref in base else None for ref in (*PEERS, "eager")
+        }
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    default_source, default_dtype = default_model(device)
+    source = args.model or default_source
+    dtypes = (args.dtype or default_dtype).split(",")
+    for name in dtypes:
+        if name not in DTYPES:
+            raise GsoptError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    recipes = args.recipes.split(",")
+    for name in recipes:
+        load_recipe(name)  # unknown names fail before any model is built
+    if args.repeats < 1:
+        raise GsoptError("--repeats must be at least 1")
+    if source not in VARIANTS and not Path(source).is_dir():
+        raise GsoptError(f"{source}: neither a variant ({', '.join(VARIANTS)}) nor a folder")
+    seconds, batches, new_tokens = (
+        _floats(args.audio_seconds),
+        _ints(args.batch),
+        _ints(args.max_new_tokens),
+    )
+    copy_bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (256 << 20))
+    points = [(s, b, n) for s in seconds for b in batches for n in new_tokens]
+    per_point = len(recipes) + (len(PEERS) if args.peers else 0)
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(dtypes) * len(points) * per_point, file=sys.stderr, desc="bench") as bar:
+        for dtype_name in dtypes:
+            with tempfile.TemporaryDirectory() as tmp:
+                model, hf = reference_pair(source, Path(tmp), device, DTYPES[dtype_name])
+                if not args.peers:
+                    hf = None
+                for s, b, n in points:
+                    bar.set_postfix_str(f"{dtype_name} {s:g}s B={b} N={n}")
+                    rows += _point_rows(
+                        model, hf, recipes, dtype_name, s, b, n, args, copy_bw, device
+                    )
+                    bar.update(per_point)
+                del model, hf
+    result = {
+        "schema": SCHEMA,
+        "environment": environment(device),
+        "settings": {
+            "model": str(source),
+            "dtypes": dtypes,
+            "recipes": recipes,
+            "audio_seconds": seconds,
+            "batch": batches,
+            "max_new_tokens": new_tokens,
+            "repeats": args.repeats,
+            "warmup_calls": 1,
+            "peers": bool(args.peers),
+            "decoding": "fixed length: eos ignored (gsopt eos_id=None, transformers "
+            "min_new_tokens=max_new_tokens)",
+            "lora": "none on both sides (transformers' model is built without the adapter)",
+            "audio": "bundled sample clip tiled/cropped to each length; batch = B copies",
+        },
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "memory_kind": memory_kind(device),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} ({len(rows)} rows)")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="sweep recipes against transformers; write JSON")
+    parser.add_argument("--recipes", default="eager,static-kv,compile-decoder")
+    parser.add_argument("--model", help="checkpoint folder or variant (default: fits the device)")
+    parser.add_argument("--audio-seconds", default="10", help="comma list, e.g. 3,10,30")
+    parser.add_argument("--batch", default="1", help="comma list, e.g. 1,8,64")
+    parser.add_argument("--max-new-tokens", default="64", help="comma list, e.g. 64,128")
+    parser.add_argument("--dtype", help="comma list of float32, bfloat16, float16")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--out", default="bench.json", help="JSON file to write")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
+    parser.add_argument("--profile", type=Path, help="folder for a Chrome trace per recipe")
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time transformers eager and static+compile on the same weights",
+    )
+    parser.set_defaults(run=run)
+    return parser

@@ -1,0 +1,215 @@
+"""`gsopt report`: turn `gsopt bench` JSON into a markdown report and PNG charts, so a run
+can be read (and committed) without rerunning it."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from gsopt.apply import write_atomic
+from gsopt.errors import GsoptError
+from gsopt.pipeline import STAGES
+
+BENCH_SCHEMA = "gsopt-bench/1"
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GsoptError(f"{path}: no such results file") from None
+    except json.JSONDecodeError as e:
+        raise GsoptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if data.get("schema") != BENCH_SCHEMA:
+        raise GsoptError(f"{path}: not a gsopt bench result (schema {data.get('schema')!r})")
+    return data
+
+
+def _point(row: dict[str, Any]) -> str:
+    return f"{row['dtype']} {row['audio_seconds']:g}s B={row['batch']} N={row['max_new_tokens']}"
+
+
+def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> str:
+    lines = ["# gsopt bench report", ""]
+    for name, data in results:
+        env, settings = data["environment"], data["settings"]
+        lines += [
+            f"## {name}",
+            "",
+            f"Model `{settings['model']}`; device {env['device']}; torch {env['torch']}, "
+            f"transformers {env['transformers']}, ibm-fms {env['ibm-fms']}; commit "
+            f"{env['commit']}; {env['date']}.",
+            f"Median / p90 of {settings['repeats']} timed runs after {settings['warmup_calls']} "
+            f"warm-up call. Decoding: {settings['decoding']}. LoRA: {settings['lora']}.",
+            f"Measured copy bandwidth: {data['copy_bandwidth_GBps']:.1f} GB/s. "
+            f"Peak memory: {data['memory_kind']}.",
+            "",
+        ]
+        table = []
+        for r in data["rows"]:
+            if r["error"] is not None:
+                table.append([_point(r), r["name"], f"error: {r['error']}"] + [""] * 10)
+                continue
+            e2e, sp, roof = r["end_to_end"], r["speedup"], r["roofline"]
+            table.append(
+                [
+                    _point(r),
+                    r["name"],
+                    f"{e2e['median_ms']:.1f} / {e2e['p90_ms']:.1f}",
+                    f"{r['decode_ms_per_token']['median_ms']:.2f}",
+                    f"{e2e['rtfx']:.1f}",
+                    f"{e2e['tokens_per_s']:.1f}",
+                    f"{roof['achieved_GBps']:.2f}",
+                    f"{100 * roof['mbu']:.1f}%",
+                    f"{r['peak_memory_bytes'] / 2**20:.0f}",
+                    f"{e2e['compile_s']:.1f}",
+                    _fmt(sp["vs_eager"], suffix="x"),
+                    _fmt(sp["vs_transformers-eager"], suffix="x"),
+                    _fmt(sp["vs_transformers-static-compile"], suffix="x"),
+                ]
+            )
+        lines += [
+            tabulate(
+                table,
+                headers=[
+                    "point",
+                    "row",
+                    "e2e ms (med / p90)",
+                    "decode ms/tok",
+                    "RTFx",
+                    "tok/s",
+                    "GB/s",
+                    "MBU",
+                    "peak MiB",
+                    "compile s",
+                    "vs eager",
+                    "vs HF eager",
+                    "vs HF static+compile",
+                ],
+                tablefmt="github",
+            ),
+            "",
+            "Per stage, median / p90 ms per call (peers: the encoder, projector and prefill are "
+            "one transformers forward, shown as prefill).",
+            "",
+            tabulate(
+                [
+                    [_point(r), r["name"]]
+                    + [
+                        f"{r['stages'][s]['median_ms']:.2f} / {r['stages'][s]['p90_ms']:.2f}"
+                        if s in r["stages"]
+                        else "-"
+                        for s in STAGES
+                    ]
+                    for r in data["rows"]
+                    if r["error"] is None
+                ],
+                headers=["point", "row", *STAGES],
+                tablefmt="github",
+            ),
+            "",
+        ]
+        notes = sorted({n for r in data["rows"] for n in r["notes"]})
+        if notes:
+            lines += ["Fallbacks on this machine:", *[f"- {n}" for n in notes], ""]
+    lines += ["## Charts", "", *[f"![{c}]({c})" for c in charts]]
+    return "\n".join(lines) + "\n"
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _write_png(path: Path, data: bytes) -> None:
+    """write_atomic writes text; charts go the same way (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """Stacked stage time, speed-ups vs the baselines, and MBU against the copy-bandwidth
+    floor (100%). One bar per (point, row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["error"] is None]
+    labels = [f"{r['name']}\n{_point(r)}" for r in ok]
+    out: dict[str, bytes] = {}
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4.5))
+    bottom = [0.0] * len(ok)
+    for s in STAGES:
+        values = [r["stages"].get(s, {"median_ms": 0.0})["median_ms"] for r in ok]
+        ax.bar(labels, values, bottom=bottom, label=s)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylabel("median ms per call")
+    ax.set_title("Time per stage")
+    ax.legend()
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
+    out["stages.png"] = _png(fig)
+    plt.close(fig)
+
+    recipes = [r for r in ok if r["kind"] == "recipe"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(recipes)), 4.5))
+    refs = ("vs_eager", "vs_transformers-eager", "vs_transformers-static-compile")
+    width = 0.8 / len(refs)
+    for i, ref in enumerate(refs):
+        ax.bar(
+            [j + i * width for j in range(len(recipes))],
+            [r["speedup"][ref] or 0.0 for r in recipes],
+            width,
+            label=ref.replace("vs_", "vs "),
+        )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width for j in range(len(recipes))])
+    ax.set_xticklabels([f"{r['name']}\n{_point(r)}" for r in recipes], fontsize=7, rotation=30)
+    ax.set_ylabel("speed-up (ratio of end-to-end medians)")
+    ax.set_title("Speed-up per recipe")
+    ax.legend()
+    out["speedup.png"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4.5))
+    ax.bar(labels, [100 * r["roofline"]["mbu"] for r in ok])
+    ax.axhline(100.0, color="red", linestyle="--", label="copy-bandwidth floor (100%)")
+    ax.set_ylabel("decode MBU, % of measured copy bandwidth")
+    ax.set_title("Decode bandwidth utilisation")
+    ax.legend()
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
+    out["mbu.png"] = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    results = [(Path(p).name, load_results(Path(p))) for p in args.results]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = charts([r for _, data in results for r in data["rows"]])
+    for name, data in images.items():
+        _write_png(out / name, data)
+    write_atomic(out / "report.md", markdown(results, list(images)))
+    print(f"wrote {out / 'report.md'} and {', '.join(images)}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("report", help="markdown + PNG charts from bench JSON")
+    parser.add_argument("results", nargs="+", help="gsopt bench JSON files")
+    parser.add_argument("--out", default="bench-report", help="folder for report.md and PNGs")
+    parser.set_defaults(run=run)
+    return parser

@@ -1,0 +1,120 @@
+"""gsopt bench/report on the tiny model: every JSON field is written, the report renders, and
+the roofline byte count matches a hand count."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import gsopt
+from gsopt import bench, report
+from gsopt.config import VARIANTS
+from gsopt.pipeline import STAGES
+
+
+def _run(module, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    argv = ["bench", "--model", "tiny", "--device", "cpu", "--recipes", "eager,static-kv"]
+    argv += ["--audio-seconds", "1", "--batch", "2", "--max-new-tokens", "4", "--repeats", "2"]
+    assert _run(bench, [*argv, "--out", str(out)]) == 0
+    return out
+
+
+def test_bench_writes_every_field(results):
+    data = json.loads(results.read_text())
+    assert data["schema"] == "gsopt-bench/1"
+    assert set(data["environment"]) >= {"device", "torch", "transformers", "commit", "date"}
+    assert data["copy_bandwidth_GBps"] > 0
+    assert "RSS" in data["memory_kind"]
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {"transformers-eager", "transformers-static-compile", "eager", "static-kv"}
+    for name in ("eager", "static-kv", "transformers-eager"):
+        row = rows[name]
+        assert row["error"] is None, row["error"]
+        assert (row["batch"], row["max_new_tokens"], row["audio_seconds"]) == (2, 4, 1.0)
+        e2e = row["end_to_end"]
+        assert 0 < e2e["median_ms"] <= e2e["p90_ms"]
+        assert e2e["rtfx"] == pytest.approx(2.0 / (e2e["median_ms"] / 1e3))
+        assert e2e["rtf"] == pytest.approx(1 / e2e["rtfx"])
+        assert e2e["tokens_per_s"] == pytest.approx(8 / (e2e["median_ms"] / 1e3))
+        assert e2e["compile_s"] >= 0 and e2e["first_ms"] > 0
+        assert row["decode_ms_per_token"]["median_ms"] > 0
+        assert row["peak_memory_bytes"] > 0
+        roof = row["roofline"]
+        assert roof["bytes_per_step"] == bench.decode_step_bytes(
+            VARIANTS["tiny"], 2, row["prompt_tokens"] + 2, torch.float32
+        )
+        assert 0 < roof["mbu"] and roof["achieved_GBps"] > 0
+        assert set(row["speedup"]) == {
+            "vs_transformers-eager",
+            "vs_transformers-static-compile",
+            "vs_eager",
+        }
+    for name in ("eager", "static-kv"):
+        assert set(rows[name]["stages"]) == set(STAGES)
+    assert rows["eager"]["speedup"]["vs_eager"] == 1.0
+    peer = rows["transformers-eager"]["end_to_end"]["median_ms"]
+    mine = rows["static-kv"]["end_to_end"]["median_ms"]
+    assert rows["static-kv"]["speedup"]["vs_transformers-eager"] == pytest.approx(peer / mine)
+    # the compiled peer either ran or recorded why not: never a crash
+    static_peer = rows["transformers-static-compile"]
+    assert static_peer["error"] is None or static_peer["error"]
+
+
+def test_report_renders_markdown_and_pngs(results, tmp_path):
+    assert _run(report, ["report", str(results), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "static-kv" in text and "transformers-eager" in text and "MBU" in text
+    assert "commit" in text and "torch" in text
+    for name in ("stages.png", "speedup.png", "mbu.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in text
+
+
+def test_report_refuses_non_bench_json(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text('{"schema": "something-else"}')
+    with pytest.raises(gsopt.errors.GsoptError, match="not a gsopt bench result"):
+        _run(report, ["report", str(path), "--out", str(tmp_path)])
+
+
+def test_reference_pair_shares_weights(tmp_path):
+    model, hf = bench.reference_pair("tiny", tmp_path, torch.device("cpu"), torch.float32)
+    head = dict(hf.named_parameters())["lm_head.weight"]
+    assert torch.equal(model.decoder.head.weight, head)
+
+
+def test_decode_step_bytes_hand_count():
+    # tiny: emb 64, 2 layers, 4 heads x 16, 2 kv heads x 16, ffn 128, vocab 320, untied.
+    q, kv = 4 * 16, 2 * 16
+    attention = 64 * (q + 2 * kv) + q * 64  # qkv + output projection
+    mlp = 3 * 64 * 128  # gate, up, down
+    layer = attention + mlp + 2 * 64  # + two RMSNorms
+    weights = 2 * layer + 64 + 320 * 64  # + final norm + lm head (embedding table not read)
+    batch, cache_len = 3, 50
+    embedding_rows = batch * 64
+    cache = 2 * 2 * batch * cache_len * kv  # layers x (K, V) x B x positions x kv width
+    expected = 4 * (weights + embedding_rows + cache)
+    assert bench.decode_step_bytes(VARIANTS["tiny"], batch, cache_len, torch.float32) == expected
+    assert bench.decode_step_bytes(VARIANTS["tiny"], batch, cache_len, torch.bfloat16) * 2 == (
+        expected
+    )
+
+
+def test_decode_step_weights_match_the_model():
+    """The formula's weight part is every decoder parameter but the embedding table."""
+    model = gsopt.load_model("tiny", lora="none")
+    params = sum(p.numel() for n, p in model.decoder.named_parameters() if "embedding" not in n)
+    emb = VARIANTS["tiny"].decoder.emb_dim
+    assert bench.decode_step_bytes(VARIANTS["tiny"], 1, 0, torch.float32) == 4 * (params + emb)
