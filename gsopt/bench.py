@@ -297,7 +297,7 @@ def measure_peer(hf, peer: str, waves, template, new_tokens: int, repeats: int):
 
 
 def _point_rows(
-    model, hf, recipes, dtype_name, seconds, batch, new_tokens, args, copy_bw, device
+    model, hf, recipes, dtype_name, seconds, batch, new_tokens, args, copy_bw, device, bar
 ) -> list[dict[str, Any]]:
     waves = [clip(seconds)] * batch
     template = prompt_template(model.config)
@@ -321,6 +321,7 @@ def _point_rows(
             error=None,
             notes=[],
         )
+        bar.set_postfix_str(f"{name} {dtype_name} {seconds:g}s B={batch} N={new_tokens}")
         _reset_peak(device)
         try:
             if name in PEERS:
@@ -335,6 +336,7 @@ def _point_rows(
                 raise
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             rows.append(row)
+            bar.update()
             continue
         row.update(_summary(calls, totals, audio_s, tokens))
         row["peak_memory_bytes"] = peak_memory(device)
@@ -346,6 +348,7 @@ def _point_rows(
             "floor_ms_per_token": 1e3 * step_bytes / copy_bw,
         }
         rows.append(row)
+        bar.update()
     add_speedups(rows)
     return rows
 
@@ -401,11 +404,9 @@ def run(args: argparse.Namespace) -> int:
                 if not args.peers:
                     hf = None
                 for s, b, n in points:
-                    bar.set_postfix_str(f"{dtype_name} {s:g}s B={b} N={n}")
                     rows += _point_rows(
-                        model, hf, recipes, dtype_name, s, b, n, args, copy_bw, device
+                        model, hf, recipes, dtype_name, s, b, n, args, copy_bw, device, bar
                     )
-                    bar.update(per_point)
                 del model, hf
     result = {
         "schema": SCHEMA,
