@@ -4,6 +4,7 @@ agree, and report each stage's speed-up (table on stdout, report.json + report.m
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -22,7 +23,7 @@ from gsopt.audio import load_audio, sample_audio
 from gsopt.checkpoint import load_model
 from gsopt.errors import GsoptError
 from gsopt.pipeline import STAGES, Pipeline, Stages
-from gsopt.recipe import DTYPES, CompiledStage, Recipe, apply, load_recipe
+from gsopt.recipe import DTYPES, Recipe, apply, load_recipe
 from gsopt.timing import StageTimer
 
 
@@ -59,15 +60,7 @@ class Run:
     total_ms: float
 
 
-def measure(pipeline: Pipeline, waves, template, max_new_tokens: int, repeats: int) -> Run:
-    runs: list[tuple[dict[str, list[float]], float]] = []
-    tokens = None
-    for _ in range(repeats + 1):
-        timer = StageTimer(pipeline.device)
-        start = time.perf_counter()
-        tokens = pipeline(waves, template, max_new_tokens, timer=timer)
-        runs.append((dict(timer.times), time.perf_counter() - start))
-
+def _summarise(runs: list[tuple[dict[str, list[float]], float]], tokens: torch.Tensor) -> Run:
     def per_call(times: dict[str, list[float]]) -> dict[str, float]:
         return {s: 1e3 * sum(times.get(s, [0.0])) for s in STAGES}
 
@@ -80,6 +73,22 @@ def measure(pipeline: Pipeline, waves, template, max_new_tokens: int, repeats: i
         * statistics.median(step for t, _ in runs[1:] for step in t.get("decode", [0.0])),
         total_ms=1e3 * statistics.median(total for _, total in runs[1:]),
     )
+
+
+def measure(
+    pipelines: dict[str, Pipeline], waves, template, max_new_tokens: int, repeats: int
+) -> dict[str, Run]:
+    """Interleaved rounds (one call of each pipeline per round), so a slow spell on the
+    machine hits every pipeline alike. The first round is kept apart: it compiles."""
+    runs: dict[str, list] = {name: [] for name in pipelines}
+    tokens: dict[str, torch.Tensor] = {}
+    for _ in range(repeats + 1):
+        for name, pipeline in pipelines.items():
+            timer = StageTimer(pipeline.device)
+            start = time.perf_counter()
+            tokens[name] = pipeline(waves, template, max_new_tokens, timer=timer)
+            runs[name].append((dict(timer.times), time.perf_counter() - start))
+    return {name: _summarise(runs[name], tokens[name]) for name in pipelines}
 
 
 def first_divergence(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
@@ -109,9 +118,7 @@ def stage_rows(stages: Stages, eager: Run, optimised: Run) -> list[dict[str, Any
                 "graph_breaks": getattr(compiled, "graph_breaks", 0),
                 "recompiles": getattr(compiled, "recompiles", 0),
                 "cudagraph_captures": getattr(fn, "captures", 0),
-                "backend": type(fn).__name__
-                if isinstance(fn, CompiledStage) or hasattr(fn, "captures")
-                else "eager",
+                "backend": stages.labels.get(stage, "eager"),
             }
         )
     return rows
@@ -221,21 +228,16 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
     template = prompt_template(model.config)
 
-    eager = measure(
-        Pipeline(model, Stages.eager(model, "dynamic")),
-        waves,
-        template,
-        args.max_new_tokens,
-        args.repeats,
-    )
-    stages = apply(model, recipe)
-    optimised = measure(
-        Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket),
-        waves,
-        template,
-        args.max_new_tokens,
-        args.repeats,
-    )
+    # The recipe transforms its own copy (dtype, merged LoRA, kernels), so both run
+    # interleaved on the same weights.
+    recipe_model = copy.deepcopy(model)
+    stages = apply(recipe_model, recipe)
+    pipelines = {
+        "eager": Pipeline(model, Stages.eager(model, "dynamic")),
+        "recipe": Pipeline(recipe_model, stages, recipe.check_every, recipe.prefill_bucket),
+    }
+    runs = measure(pipelines, waves, template, args.max_new_tokens, args.repeats)
+    eager, optimised = runs["eager"], runs["recipe"]
     divergence = first_divergence(eager.tokens, optimised.tokens)
     same_precision = (recipe.dtype or dtype_name) == "float32" and dtype_name == "float32"
     if divergence is None:

@@ -45,6 +45,7 @@ class Stages:
     kv_cache: str = "static"
     decode_attention: str = "sdpa"
     notes: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def eager(cls, model, kv_cache: str = "static", decode_attention: str = "sdpa") -> Stages:

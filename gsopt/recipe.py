@@ -204,6 +204,18 @@ def _wrap(stage: str, fn, settings: StageRecipe):
     return CompiledStage(fn, **kwargs)
 
 
+def describe(settings: StageRecipe) -> str:
+    """A short label of what actually runs for a stage, for reports."""
+    parts = [settings.backend if settings.mode == "default" else f"compile/{settings.mode}"]
+    if settings.backend == "eager":
+        parts = ["eager"]
+    if settings.cudagraph:
+        parts.append("cudagraph")
+    if settings.attention != "sdpa":
+        parts.append(f"{settings.attention} attention")
+    return " + ".join(parts)
+
+
 def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
     """Transform `model` as the recipe says and return its stages (eager, compiled or captured)."""
     cuda = model.decoder.head.weight.device.type == "cuda"
@@ -223,6 +235,7 @@ def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
             )
     stages = Stages.eager(model, recipe.kv_cache, settings["decode"].attention)
     stages.notes = notes
+    stages.labels = {stage: describe(settings[stage]) for stage in STAGES}
     for stage in STAGES:
         setattr(stages, stage, _wrap(stage, getattr(stages, stage), settings[stage]))
     if settings["decode"].cudagraph:
