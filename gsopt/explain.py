@@ -1,0 +1,448 @@
+"""`gsopt explain`: where torch.compile breaks graphs and recompiles, per stage, for gsopt and
+for transformers' reference model side by side.
+
+For each stage: `torch._dynamo.explain` at the first sweep point (graphs, breaks, each break's
+reason and source line), then a sweep over audio lengths x batch sizes through one compiled
+function, counting graphs, recompiles with every failed guard (captured from dynamo's
+`recompiles_verbose` logger, which lists all failures rather than the first), compile time,
+inductor kernels and steady time. gsopt's stages run under three strategies:
+- `exact`: static shapes, no padding (one graph per distinct shape: the unbounded baseline);
+- `dynamic`: `dynamic=True`, no padding;
+- `buckets`: static shapes, audio padded up to a length ladder (`AUDIO_LADDER_S`) and the
+  prompt to that bucket's token count, so each bucket compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from gsopt.apply import environment, prompt_template, resolve_device, write_atomic
+from gsopt.checkpoint import load_model
+from gsopt.encoder import encoder_frame_mask
+from gsopt.errors import GsoptError
+from gsopt.frontend import SAMPLE_RATE
+from gsopt.generate import right_pad
+from gsopt.kv_cache import StaticKVCache, bucket
+from gsopt.pipeline import STAGES, Stages, prompt_for
+
+STRATEGIES = ("exact", "dynamic", "buckets")
+BACKENDS = ("inductor", "aot_eager", "eager")
+# Audio buckets in seconds: a geometric ladder up to the 60 s that Granite Speech serves.
+AUDIO_LADDER_S = (4, 8, 16, 32, 64)
+MAX_NEW_TOKENS = 16
+# Room for every graph of the longest sweep: past dynamo's default limit (8) it falls back to
+# eager silently and the counts would stop growing.
+RECOMPILE_LIMIT = 64
+
+
+def bucket_seconds(seconds: float, ladder: tuple[int, ...] = AUDIO_LADDER_S) -> int:
+    """The smallest rung that holds the clip (the measured bucketing helper)."""
+    for rung in ladder:
+        if seconds <= rung:
+            return rung
+    raise GsoptError(f"{seconds} s of audio is past the longest bucket ({ladder[-1]} s)")
+
+
+@dataclass
+class StageReport:
+    side: str
+    stage: str
+    strategy: str
+    graphs: int = 0
+    graph_breaks: int = 0
+    break_reasons: list[dict[str, str]] = field(default_factory=list)
+    sweep_graphs: int = 0
+    recompiles: int = 0
+    recompile_reasons: list[str] = field(default_factory=list)
+    compile_s: float = 0.0
+    steady_ms: float = 0.0
+    kernels: int | str = "n/a"
+    cudagraph_rerecords: int | str = "n/a"
+    error: str = ""
+
+
+class RecompileLog(logging.Handler):
+    """Collects dynamo's recompile messages (every failed guard of every cache entry)."""
+
+    NAMES = ("torch._dynamo.guards.__recompiles_verbose", "torch._dynamo.guards.__recompiles")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> RecompileLog:
+        torch._logging.set_logs(recompiles_verbose=True)
+        for name in self.NAMES:
+            logger = logging.getLogger(name)
+            logger.addHandler(self)
+            logger.propagate = False  # keep them off stderr
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name in self.NAMES:
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            logger.propagate = True
+        torch._logging.set_logs()
+
+
+def _explain(fn: Callable, args: tuple) -> tuple[int, int, list[dict[str, str]]]:
+    """Graphs, breaks and the distinct (reason, source line) of each break. Under no_grad, as
+    the pipeline runs: with grad on, in-place cache writes would make the cache require grad."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch._dynamo.explain(fn)(*args)
+    reasons: list[dict[str, str]] = []
+    for br in out.break_reasons:
+        frame = br.user_stack[-1] if br.user_stack else None
+        entry = {
+            "reason": br.reason.splitlines()[0],
+            "where": f"{frame.filename}:{frame.lineno}" if frame else "?",
+        }
+        if entry not in reasons:
+            reasons.append(entry)
+    return out.graph_count, out.graph_break_count, reasons
+
+
+def _timed(fn: Callable, args: tuple) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def sweep(
+    fn: Callable,
+    points: list[tuple],
+    *,
+    backend: str,
+    dynamic: bool | None,
+    fullgraph: bool,
+    report: StageReport,
+) -> None:
+    """Run `fn` compiled over every point twice; the first call of a point that compiles is
+    compile time, the second is steady time."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    compiled = torch.compile(fn, backend=counter, dynamic=dynamic, fullgraph=fullgraph)
+    kernels_before = _kernel_count()
+    steady = []
+    with (
+        torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
+        RecompileLog() as log,
+        torch.no_grad(),
+    ):
+        for args in points:
+            frames = counter.frame_count
+            elapsed = _timed(compiled, args)
+            if counter.frame_count > frames:
+                report.compile_s += elapsed
+            steady.append(1e3 * _timed(compiled, args))
+    report.sweep_graphs = counter.frame_count
+    report.recompiles = len(log.messages)
+    report.recompile_reasons = log.messages
+    report.steady_ms = statistics.median(steady)
+    if backend == "inductor":
+        report.kernels = _kernel_count() - kernels_before
+    report.cudagraph_rerecords = 0 if torch.cuda.is_available() else "n/a"
+
+
+def _kernel_count() -> int:
+    import torch._inductor.metrics as metrics
+
+    return metrics.generated_kernel_count
+
+
+# --- gsopt's stages ------------------------------------------------------------------------
+
+
+def gsopt_points(
+    model, stages: Stages, seconds: list[float], batches: list[int], strategy: str
+) -> dict[str, list[tuple]]:
+    """Each stage's arguments at every sweep point, computed by running the eager stages."""
+    points: dict[str, list[tuple]] = {s: [] for s in STAGES}
+    template = prompt_template(model.config)
+    dtype = model.projector.query.dtype
+    pad_id = max(model.config.decoder.pad_id, 0)
+    generator = torch.Generator().manual_seed(0)
+    device = model.decoder.head.weight.device
+    with torch.no_grad():
+        for sec in seconds:
+            for batch in batches:
+                samples = int(sec * SAMPLE_RATE)
+                padded = samples
+                prompt_multiple = 1
+                if strategy == "buckets":
+                    rung = bucket_seconds(sec)
+                    padded = rung * SAMPLE_RATE
+                    prompt_multiple = len(template) - 1 + model.config.audio_tokens(padded)
+                waves = torch.zeros(batch, padded)
+                waves[:, :samples] = torch.randn(batch, samples, generator=generator) * 0.1
+                waves = waves.to(device)
+                lengths = torch.full((batch,), samples, device=device)
+                points["frontend"].append((waves, lengths))
+                features, frames = stages.frontend(waves, lengths)
+                mask = encoder_frame_mask(frames, features.shape[1])
+                points["encoder"].append((features.to(dtype), mask))
+                hidden = stages.encoder(features.to(dtype), mask)
+                points["projector"].append((hidden,))
+                audio = stages.projector(hidden)
+                tokens = model.config.audio_tokens(samples)
+                prompts = [prompt_for(tokens, template, model.config.audio_token_id)] * batch
+                ids, lens = right_pad(prompts, pad_id, prompt_multiple)
+                ids, lens = ids.to(device), lens.to(device)
+                max_len = bucket(ids.shape[1] + MAX_NEW_TOKENS, 64)
+                cache = StaticKVCache(
+                    batch,
+                    max_len,
+                    model.config.decoder.nlayers,
+                    model.config.decoder.kvheads or model.config.decoder.nheads,
+                    model.config.decoder.head_dim,
+                    dtype,
+                    device,
+                ).layers
+                points["prefill"].append((model, ids, lens, audio, cache, "sdpa"))
+                token = stages.prefill(model, ids, lens, audio, cache, "sdpa")
+                points["decode"].append((model, token, lens, cache, "sdpa"))
+    return points
+
+
+def explain_gsopt(
+    model, seconds: list[float], batches: list[int], strategies: list[str], backend: str
+) -> list[StageReport]:
+    """Explain each stage once (the code is the same under every strategy), then sweep it
+    under each strategy."""
+    stages = Stages.eager(model)
+    reports = []
+    explained: dict[str, tuple] = {}
+    for strategy in strategies:
+        points = gsopt_points(model, stages, seconds, batches, strategy)
+        for stage in STAGES:
+            fn = getattr(stages, stage)
+            if stage not in explained:
+                explained[stage] = _explain(fn, points[stage][0])
+            report = StageReport("gsopt", stage, strategy)
+            report.graphs, report.graph_breaks, report.break_reasons = explained[stage]
+            sweep(
+                fn,
+                points[stage],
+                backend=backend,
+                dynamic=True if strategy == "dynamic" else False,
+                fullgraph=True,
+                report=report,
+            )
+            reports.append(report)
+    return reports
+
+
+# --- transformers' reference ----------------------------------------------------------------
+
+
+def reference_model(model):
+    """transformers' Granite Speech with the same shapes as the gsopt model (random weights:
+    compile analysis needs shapes and code paths, not trained numbers)."""
+    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+
+    cfg = model.config
+    enc, proj, dec = cfg.encoder, cfg.projector, cfg.decoder
+    hf = GraniteSpeechConfig(
+        encoder_config={
+            **{k: getattr(enc, k) for k in vars(enc) if not k.startswith("_")},
+            "dropout": 0.0,
+        },
+        projector_config=dict(
+            model_type="blip_2_qformer",
+            hidden_size=proj.hidden_size,
+            num_hidden_layers=proj.num_layers,
+            num_attention_heads=proj.num_heads,
+            intermediate_size=proj.intermediate_size,
+            layer_norm_eps=proj.layer_norm_eps,
+            encoder_hidden_size=proj.encoder_hidden_size,
+            cross_attention_frequency=proj.cross_attention_frequency,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        text_config=dict(
+            model_type="granite",
+            vocab_size=dec.src_vocab_size,
+            hidden_size=dec.emb_dim,
+            intermediate_size=int(dec.emb_dim * dec.hidden_grow_factor),
+            num_hidden_layers=dec.nlayers,
+            num_attention_heads=dec.nheads,
+            num_key_value_heads=dec.kvheads or dec.nheads,
+            max_position_embeddings=4096,
+            embedding_multiplier=dec.embedding_multiplier,
+            residual_multiplier=dec.residual_multiplier,
+            attention_multiplier=dec.attention_multiplier,
+            logits_scaling=dec.logits_scaling,
+            pad_token_id=max(dec.pad_id, 0),
+        ),
+        audio_token_index=cfg.audio_token_id,
+        has_lora_adapter=False,
+        window_size=proj.window_size,
+        downsample_rate=proj.downsample_rate,
+    )
+    torch.manual_seed(0)
+    device = model.decoder.head.weight.device
+    return GraniteSpeechForConditionalGeneration(hf).eval().to(device)
+
+
+def reference_points(model, ref, seconds: list[float], batches: list[int]) -> list[tuple]:
+    template = prompt_template(model.config)
+    device = model.decoder.head.weight.device
+    points = []
+    for sec in seconds:
+        for batch in batches:
+            samples = int(sec * SAMPLE_RATE)
+            frames = (samples // 160 + 1) // 2
+            features = torch.randn(batch, frames, model.config.encoder.input_dim, device=device)
+            ids = prompt_for(
+                model.config.audio_tokens(samples), template, ref.config.audio_token_index
+            )
+            points.append((ids.expand(batch, -1).to(device), features))
+    return points
+
+
+def explain_reference(
+    model, seconds: list[float], batches: list[int], backend: str
+) -> list[StageReport]:
+    """transformers' full forward (input_ids + input_features -> logits)."""
+    ref = reference_model(model)
+
+    def forward(input_ids: torch.Tensor, input_features: torch.Tensor) -> torch.Tensor:
+        return ref(input_ids=input_ids, input_features=input_features).logits
+
+    points = reference_points(model, ref, seconds, batches)
+    report = StageReport("transformers", "forward", "default")
+    report.graphs, report.graph_breaks, report.break_reasons = _explain(forward, points[0])
+    sweep(forward, points, backend=backend, dynamic=None, fullgraph=False, report=report)
+    return [report]
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise GsoptError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise GsoptError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def render(reports: list[StageReport]) -> str:
+    rows = [
+        [
+            r.side,
+            r.stage,
+            r.strategy,
+            r.graphs,
+            r.graph_breaks,
+            r.sweep_graphs,
+            r.recompiles,
+            f"{r.compile_s:.1f}",
+            f"{r.steady_ms:.2f}",
+            r.kernels,
+            r.cudagraph_rerecords,
+        ]
+        for r in reports
+    ]
+    table = tabulate(
+        rows,
+        headers=[
+            "side",
+            "stage",
+            "strategy",
+            "graphs",
+            "breaks",
+            "sweep graphs",
+            "recompiles",
+            "compile s",
+            "steady ms",
+            "kernels",
+            "cg re-records",
+        ],
+        tablefmt="github",
+    )
+    lines = [table]
+    for r in reports:
+        for br in r.break_reasons:
+            lines.append(f"break  {r.side}/{r.stage}: {br['reason']} ({br['where']})")
+        if r.recompile_reasons and r.strategy != "exact":
+            lines.append(f"recompile reasons {r.side}/{r.stage}/{r.strategy}:")
+            lines += ["    " + m.replace("\n", "\n    ") for m in r.recompile_reasons]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    seconds, batches = _floats(args.audio_seconds), [int(b) for b in _floats(args.batch)]
+    strategies = args.strategy.split(",")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise GsoptError(f"unknown strategy {s!r}: choose from {', '.join(STRATEGIES)}")
+    if args.backend not in BACKENDS:
+        raise GsoptError(f"unknown backend {args.backend!r}: choose from {', '.join(BACKENDS)}")
+    model = load_model(args.model, device=device, lora="merged")
+    recipe_notes: list[str] = []
+    if args.recipe:
+        from gsopt.recipe import apply, load_recipe
+
+        recipe_notes = apply(model, load_recipe(args.recipe)).notes
+    reports = explain_gsopt(model, seconds, batches, strategies, args.backend)
+    if not args.no_reference:
+        reports += explain_reference(model, seconds, batches, args.backend)
+    text = render(reports)
+    print(text, end="")
+    if args.json:
+        payload = {
+            "model": args.model,
+            "recipe": args.recipe,
+            "backend": args.backend,
+            "audio_seconds": seconds,
+            "batch": batches,
+            "audio_ladder_s": list(AUDIO_LADDER_S),
+            "environment": environment(device),
+            "notes": recipe_notes,
+            "stages": [asdict(r) for r in reports],
+        }
+        write_atomic(Path(args.json), json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "explain", help="graphs, graph breaks and recompiles per stage, vs transformers"
+    )
+    parser.add_argument("--recipe", help="apply this recipe's model changes first (dtype, LoRA)")
+    parser.add_argument("--model", default="tiny", help="checkpoint folder or variant")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--audio-seconds", default="1,3,10,30,60", help="sweep of clip lengths")
+    parser.add_argument("--batch", default="1,4", help="sweep of batch sizes")
+    parser.add_argument(
+        "--strategy", default=",".join(STRATEGIES), help="exact, dynamic, buckets (comma list)"
+    )
+    parser.add_argument("--backend", default="inductor", help="inductor, aot_eager or eager")
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers' side")
+    parser.add_argument("--json", help="also write the report as JSON here")
+    parser.set_defaults(run=run)
+    return parser
+
+
+__all__ = ["bucket_seconds", "explain_gsopt", "explain_reference"]
