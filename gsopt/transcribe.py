@@ -1,0 +1,336 @@
+"""`gsopt transcribe`: audio files in, one line of text per file out, with per-stage timings.
+
+Everything the user can get wrong (files, devices, dtypes, clip lengths) is checked before the
+model's weights are read, so a typo costs seconds rather than a multi-gigabyte load. Files run
+in batches of `batch_size` in the order given; a padded batch gives each clip the text it gets
+alone, so the batch size changes speed only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from gsopt.audio import SAMPLE_AUDIO, load_audio
+from gsopt.checkpoint import load_model
+from gsopt.config import VARIANTS, GraniteSpeechConfig, from_hf_config, read_json
+from gsopt.errors import GsoptError
+from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE
+from gsopt.generate import truncate_at_eos
+from gsopt.pipeline import STAGES, Pipeline, Stages
+from gsopt.recipe import DTYPES, Recipe, load_recipe
+from gsopt.recipe import apply as apply_recipe
+from gsopt.timing import StageTimer
+from gsopt.tokenizer import decode, load_tokenizer, prompt_ids
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "tiny"
+DEFAULT_MAX_NEW_TOKENS = 200  # the Granite Speech model cards' setting
+
+
+@dataclass
+class BatchTimings:
+    """Wall-clock seconds of one batch, shared by the files in it."""
+
+    index: int
+    size: int
+    audio_seconds: float
+    seconds: float
+    stages: dict[str, float]
+    decode_steps: int
+
+    @property
+    def rtfx(self) -> float:
+        """Seconds of audio per second of wall time (higher is better)."""
+        return self.audio_seconds / self.seconds
+
+
+@dataclass
+class Transcription:
+    """One file's greedy text; `timings` belong to the batch the file ran in."""
+
+    path: str
+    text: str
+    tokens: list[int]  # generated ids, end-of-text excluded
+    prompt_tokens: int
+    audio_seconds: float
+    timings: BatchTimings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "text": self.text,
+            "audio_seconds": self.audio_seconds,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.tokens),
+            "batch": {**asdict(self.timings), "rtfx": self.timings.rtfx},
+        }
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N`; None picks CUDA when there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise GsoptError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GsoptError(f"device {name!r}: this torch {torch.__version__} sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise GsoptError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """A dtype name; None is bfloat16 on CUDA (as the checkpoints ship) and float32 on CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise GsoptError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_config(source: str | os.PathLike) -> GraniteSpeechConfig:
+    """The config alone, read before any weights so that inputs can be checked first."""
+    if str(source) in VARIANTS:
+        return VARIANTS[str(source)]
+    folder = Path(source)
+    if not folder.is_dir():
+        raise GsoptError(
+            f"{source}: neither a variant ({', '.join(VARIANTS)}) nor a checkpoint folder"
+        )
+    return from_hf_config(read_json(folder / "config.json"))
+
+
+def check_clip_lengths(
+    paths: list[Path],
+    waveforms: list[torch.Tensor],
+    config: GraniteSpeechConfig,
+    text_tokens: int,
+    max_new_tokens: int,
+) -> None:
+    """Each clip's audio tokens, the prompt's text tokens and the new tokens must fit the
+    decoder's positions.
+
+    The limit in seconds follows from the token formula: a clip fits while its encoder frames
+    stay within the whole projector windows the budget pays for.
+    """
+    positions = config.decoder.max_expected_seq_len
+    budget = positions - text_tokens - max_new_tokens
+    proj = config.projector
+    max_frames = budget // proj.num_queries * proj.window_size
+    limit_seconds = HOP_LENGTH * (2 * max_frames + 1) / SAMPLE_RATE
+    for path, wave in zip(paths, waveforms, strict=True):
+        if config.audio_tokens(len(wave)) > budget:
+            raise GsoptError(
+                f"{path}: {len(wave) / SAMPLE_RATE:.1f} s of audio is longer than this model "
+                f"allows ({max(limit_seconds, 0.0):.1f} s: {positions} positions minus a "
+                f"{text_tokens}-token text prompt and --max-new-tokens {max_new_tokens}); split "
+                "the file or lower --max-new-tokens"
+            )
+
+
+def pipeline_for(model, recipe: Recipe | None) -> Pipeline:
+    """Eager stages, or the ones the recipe builds (it may also merge the LoRA or cast)."""
+    if recipe is None:
+        return Pipeline(model, Stages.eager(model))
+    stages = apply_recipe(model, recipe)
+    for note in stages.notes:
+        log.warning("recipe %s: %s", recipe.name, note)
+    return Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket)
+
+
+def _run_batch(
+    pipeline: Pipeline,
+    tokenizer: PreTrainedTokenizerBase,
+    template: list[int],
+    index: int,
+    paths: list[Path],
+    waveforms: list[torch.Tensor],
+    max_new_tokens: int,
+) -> list[Transcription]:
+    config = pipeline.model.config
+    timer = StageTimer(pipeline.device)
+    start = time.perf_counter()
+    tokens = pipeline(waveforms, template, max_new_tokens, config.eos_token_id, timer)
+    rows = truncate_at_eos(tokens.cpu(), config.eos_token_id)
+    seconds = time.perf_counter() - start
+    timings = BatchTimings(
+        index=index,
+        size=len(waveforms),
+        audio_seconds=sum(len(wave) for wave in waveforms) / SAMPLE_RATE,
+        seconds=seconds,
+        stages={name: sum(timer.times[name]) for name in STAGES},
+        decode_steps=len(timer.times["decode"]),
+    )
+    results = []
+    for path, wave, row in zip(paths, waveforms, rows, strict=True):
+        generated = row[:-1] if row and row[-1] == config.eos_token_id else row
+        results.append(
+            Transcription(
+                path=str(path),
+                text=decode(tokenizer, generated),
+                tokens=generated,
+                prompt_tokens=len(template) - 1 + config.audio_tokens(len(wave)),
+                audio_seconds=len(wave) / SAMPLE_RATE,
+                timings=timings,
+            )
+        )
+    return results
+
+
+def transcribe(
+    files: list[str | os.PathLike] | None = None,
+    *,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    recipe: str | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    prompt: str | None = None,
+    progress: bool = False,
+) -> list[Transcription]:
+    """Greedy transcripts of `files` (the bundled sample when empty), in the order given.
+
+    `model` is a checkpoint folder or a variant name (random weights, synthetic tokenizer);
+    `recipe` a built-in recipe name or a .toml path (None: eager stages); `prompt` replaces
+    the transcription request (e.g. a translation request). `progress` shows a bar on
+    stderr, in seconds of audio, when stderr is a terminal. A recipe's fallbacks on this
+    machine are logged as warnings.
+    """
+    if batch_size < 1:
+        raise GsoptError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise GsoptError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    paths = [Path(f) for f in files] if files else [SAMPLE_AUDIO]
+    waveforms = [load_audio(path) for path in paths]
+    config = model_config(model)
+    tokenizer = load_tokenizer(model, config)
+    template = prompt_ids(tokenizer, config.audio_token_id, prompt)
+    check_clip_lengths(paths, waveforms, config, len(template) - 1, max_new_tokens)
+    settings = load_recipe(recipe) if recipe is not None else None
+
+    loaded = load_model(model, device=torch_device, dtype=torch_dtype)
+    pipeline = pipeline_for(loaded, settings)
+    results: list[Transcription] = []
+    total_seconds = sum(len(wave) for wave in waveforms) / SAMPLE_RATE
+    with tqdm(
+        total=round(total_seconds, 1),
+        unit="s",
+        desc="transcribing",
+        file=sys.stderr,
+        disable=None if progress else True,
+    ) as bar:
+        for index, start in enumerate(range(0, len(paths), batch_size)):
+            batch = slice(start, start + batch_size)
+            done = _run_batch(
+                pipeline,
+                tokenizer,
+                template,
+                index,
+                paths[batch],
+                waveforms[batch],
+                max_new_tokens,
+            )
+            results.extend(done)
+            bar.update(round(done[0].timings.audio_seconds, 1))
+    return results
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "transcribe",
+        help="transcribe audio files",
+        description="Transcribe audio files with Granite Speech; one 'path: text' line each.",
+    )
+    parser.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="audio files (WAV, FLAC, OGG, ...; any rate, mono or stereo); none: the bundled "
+        "sample",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="DIR|VARIANT",
+        help=f"checkpoint folder, or a variant with random weights ({', '.join(VARIANTS)}); "
+        f"default {DEFAULT_MODEL!r}, which prints gibberish",
+    )
+    parser.add_argument(
+        "--recipe",
+        metavar="NAME|FILE",
+        help="built-in recipe name or .toml file (default: eager stages, static KV cache)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, metavar="N", help="files per batch (default 1)"
+    )
+    parser.add_argument(
+        "--device", metavar="cpu|cuda", help="cpu, cuda or cuda:N (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--dtype",
+        metavar="|".join(DTYPES),
+        help="weight dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
+        help=f"most tokens generated per file (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print a JSON list with token counts and timings"
+    )
+    parser.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help="instruction instead of transcription, e.g. 'translate the speech to French'",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    results = transcribe(
+        args.files,
+        model=args.model,
+        recipe=args.recipe,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        progress=not args.quiet,
+    )
+    if str(args.model) in VARIANTS:
+        print(
+            f"gsopt transcribe: note: {args.model!r} is a variant with random weights, so the "
+            "text is gibberish; pass --model DIR for a real checkpoint",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(json.dumps([result.to_json() for result in results], indent=2, ensure_ascii=False))
+    else:
+        for result in results:
+            print(f"{result.path}: {result.text}")
+    return 0
