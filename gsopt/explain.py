@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from gsopt.apply import environment, prompt_template, resolve_device, write_atomic
+from gsopt.apply import environment, prompt_template, write_atomic
 from gsopt.checkpoint import load_model
 from gsopt.encoder import encoder_frame_mask
 from gsopt.errors import GsoptError
@@ -35,6 +35,7 @@ from gsopt.frontend import SAMPLE_RATE
 from gsopt.generate import right_pad
 from gsopt.kv_cache import StaticKVCache, bucket
 from gsopt.pipeline import STAGES, Stages, prompt_for
+from gsopt.runtime import resolve_device
 
 STRATEGIES = ("exact", "dynamic", "buckets")
 BACKENDS = ("inductor", "aot_eager", "eager")
