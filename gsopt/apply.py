@@ -23,19 +23,9 @@ from gsopt.audio import load_audio, sample_audio
 from gsopt.checkpoint import load_model
 from gsopt.errors import GsoptError
 from gsopt.pipeline import STAGES, Pipeline, Stages
-from gsopt.recipe import DTYPES, Recipe, apply, load_recipe
+from gsopt.recipe import Recipe, apply, load_recipe
+from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
 from gsopt.timing import StageTimer
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`cuda` without CUDA is a user error, not a crash."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise GsoptError(f"unknown device {name!r}: choose cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GsoptError("--device cuda: this machine has no CUDA device; use --device cpu")
-    return torch.device(name)
 
 
 def default_model(device: torch.device) -> tuple[str, str]:
@@ -222,8 +212,7 @@ def run(args: argparse.Namespace) -> int:
     model_name, default_dtype = default_model(device)
     source = args.model or model_name
     dtype_name = args.dtype or default_dtype
-    if dtype_name not in DTYPES:
-        raise GsoptError(f"unknown dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
+    resolve_dtype(dtype_name, device)
     waves = [load_audio(f) for f in args.audio] if args.audio else [sample_audio()]
     model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
     template = prompt_template(model.config)

@@ -24,14 +24,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gsopt.apply import default_model, environment, prompt_template, resolve_device, write_atomic
+from gsopt.apply import default_model, environment, prompt_template, write_atomic
 from gsopt.audio import sample_audio
 from gsopt.checkpoint import load_model
 from gsopt.config import VARIANTS, GraniteSpeechConfig
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE, LogMelFrontend, num_audio_tokens
 from gsopt.pipeline import STAGES, Pipeline, prompt_for
-from gsopt.recipe import DTYPES, apply, load_recipe
+from gsopt.recipe import apply, load_recipe
+from gsopt.runtime import DTYPES, resolve_device
 from gsopt.timing import StageTimer
 
 SCHEMA = "gsopt-bench/1"

@@ -16,6 +16,9 @@ from gsopt.errors import GsoptError
 COMMANDS = {
     "transcribe": "gsopt.transcribe",
     "apply": "gsopt.apply",
+    "bench": "gsopt.bench",
+    "report": "gsopt.report",
+    "explain": "gsopt.explain",
 }
 
 

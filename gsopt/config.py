@@ -69,11 +69,13 @@ class GraniteSpeechConfig(ModelConfig):
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
-    def audio_tokens(self, num_samples: int, hop_length: int = 160) -> int:
+    def audio_tokens(self, num_samples: int) -> int:
         """Audio tokens for a clip of `num_samples` 16 kHz samples (the published formula)."""
-        encoder_frames = (num_samples // hop_length + 1) // 2
-        windows = -(-encoder_frames // self.projector.window_size)
-        return windows * self.projector.num_queries
+        from gsopt.frontend import num_audio_tokens
+
+        return num_audio_tokens(
+            num_samples, self.projector.window_size, self.projector.downsample_rate
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gsopt.encoder import encoder_frame_mask
-from gsopt.frontend import LogMelFrontend, num_audio_tokens
+from gsopt.frontend import LogMelFrontend
 from gsopt.generate import decode_one_token_static, generate, prefill_static
 from gsopt.timing import StageTimer, stage
 
@@ -106,7 +106,7 @@ class Pipeline:
         with stage(timer, "projector"):
             audio = stages.projector(hidden)
         prompts = [
-            prompt_for(num_audio_tokens(len(w)), template, model.config.audio_token_id)
+            prompt_for(model.config.audio_tokens(len(w)), template, model.config.audio_token_id)
             for w in waveforms
         ]
         return generate(

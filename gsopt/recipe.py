@@ -24,13 +24,13 @@ from gsopt.encoder import set_block_attention
 from gsopt.errors import GsoptError
 from gsopt.lora import merge_audio_lora_
 from gsopt.pipeline import STAGES, Stages
+from gsopt.runtime import DTYPES
 
 BACKENDS = ("eager", "compile")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTIONS = ("sdpa", "math", "triton")
 KV_CACHES = ("dynamic", "static")
 LORAS = ("live", "merged")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Which stages take which stage-specific knob.
 STAGE_KNOBS = {"attention": ("encoder", "decode"), "cudagraph": ("decode",)}
 

@@ -29,8 +29,9 @@ from gsopt.errors import GsoptError
 from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE
 from gsopt.generate import truncate_at_eos
 from gsopt.pipeline import STAGES, Pipeline, Stages
-from gsopt.recipe import DTYPES, Recipe, load_recipe
+from gsopt.recipe import Recipe, load_recipe
 from gsopt.recipe import apply as apply_recipe
+from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
 from gsopt.timing import StageTimer
 from gsopt.tokenizer import decode, load_tokenizer, prompt_ids
 
@@ -76,32 +77,6 @@ class Transcription:
             "new_tokens": len(self.tokens),
             "batch": {**asdict(self.timings), "rtfx": self.timings.rtfx},
         }
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N`; None picks CUDA when there is one."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise GsoptError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GsoptError(f"device {name!r}: this torch {torch.__version__} sees no CUDA device")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise GsoptError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """A dtype name; None is bfloat16 on CUDA (as the checkpoints ship) and float32 on CPU."""
-    if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise GsoptError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def model_config(source: str | os.PathLike) -> GraniteSpeechConfig:
