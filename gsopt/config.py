@@ -345,6 +345,70 @@ def from_hf_config(
     )
 
 
+def to_hf_config(config: GraniteSpeechConfig):
+    """The transformers config of the same architecture (no LoRA adapter): the inverse of
+    `from_hf_config`, for building reference models with identical shapes."""
+    from transformers import GraniteSpeechConfig as HFConfig
+
+    e, p, d = config.encoder, config.projector, config.decoder
+    return HFConfig(
+        encoder_config=dict(
+            input_dim=e.input_dim,
+            num_layers=e.num_layers,
+            hidden_dim=e.hidden_dim,
+            feedforward_mult=e.feedforward_mult,
+            num_heads=e.num_heads,
+            dim_head=e.dim_head,
+            output_dim=e.output_dim,
+            context_size=e.context_size,
+            max_pos_emb=e.max_pos_emb,
+            conv_kernel_size=e.conv_kernel_size,
+            conv_expansion_factor=e.conv_expansion_factor,
+            dropout=0.0,
+        ),
+        projector_config=dict(
+            model_type="blip_2_qformer",
+            hidden_size=p.hidden_size,
+            num_hidden_layers=p.num_layers,
+            num_attention_heads=p.num_heads,
+            intermediate_size=p.intermediate_size,
+            layer_norm_eps=p.layer_norm_eps,
+            encoder_hidden_size=p.encoder_hidden_size,
+            cross_attention_frequency=p.cross_attention_frequency,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            hidden_act="gelu",
+        ),
+        text_config=dict(
+            model_type="granite",
+            vocab_size=d.src_vocab_size,
+            hidden_size=d.emb_dim,
+            intermediate_size=int(d.hidden_grow_factor * d.emb_dim),
+            num_hidden_layers=d.nlayers,
+            num_attention_heads=d.nheads,
+            num_key_value_heads=d.kvheads,
+            head_dim=d.head_dim,
+            rms_norm_eps=d.norm_eps,
+            max_position_embeddings=d.max_expected_seq_len,
+            rope_parameters={"rope_type": "default", "rope_theta": float(d.rope_theta)},
+            embedding_multiplier=d.embedding_multiplier,
+            residual_multiplier=d.residual_multiplier,
+            attention_multiplier=d.attention_multiplier,
+            logits_scaling=d.logits_scaling,
+            tie_word_embeddings=d.tie_heads,
+            attention_bias=d.attn_bias,
+            mlp_bias=d.mlp_bias,
+            pad_token_id=d.pad_id,
+            eos_token_id=config.eos_token_id,
+        ),
+        audio_token_index=config.audio_token_id,
+        has_lora_adapter=False,
+        tie_word_embeddings=d.tie_heads,
+        window_size=p.window_size,
+        downsample_rate=p.downsample_rate,
+    )
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())

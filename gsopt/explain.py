@@ -29,6 +29,7 @@ from tabulate import tabulate
 
 from gsopt.apply import environment, prompt_template, write_atomic
 from gsopt.checkpoint import load_model
+from gsopt.config import to_hf_config
 from gsopt.encoder import encoder_frame_mask
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE
@@ -255,47 +256,9 @@ def explain_gsopt(
 def reference_model(model):
     """transformers' Granite Speech with the same shapes as the gsopt model (random weights:
     compile analysis needs shapes and code paths, not trained numbers)."""
-    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+    from transformers import GraniteSpeechForConditionalGeneration
 
-    cfg = model.config
-    enc, proj, dec = cfg.encoder, cfg.projector, cfg.decoder
-    hf = GraniteSpeechConfig(
-        encoder_config={
-            **{k: getattr(enc, k) for k in vars(enc) if not k.startswith("_")},
-            "dropout": 0.0,
-        },
-        projector_config=dict(
-            model_type="blip_2_qformer",
-            hidden_size=proj.hidden_size,
-            num_hidden_layers=proj.num_layers,
-            num_attention_heads=proj.num_heads,
-            intermediate_size=proj.intermediate_size,
-            layer_norm_eps=proj.layer_norm_eps,
-            encoder_hidden_size=proj.encoder_hidden_size,
-            cross_attention_frequency=proj.cross_attention_frequency,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        ),
-        text_config=dict(
-            model_type="granite",
-            vocab_size=dec.src_vocab_size,
-            hidden_size=dec.emb_dim,
-            intermediate_size=int(dec.emb_dim * dec.hidden_grow_factor),
-            num_hidden_layers=dec.nlayers,
-            num_attention_heads=dec.nheads,
-            num_key_value_heads=dec.kvheads or dec.nheads,
-            max_position_embeddings=4096,
-            embedding_multiplier=dec.embedding_multiplier,
-            residual_multiplier=dec.residual_multiplier,
-            attention_multiplier=dec.attention_multiplier,
-            logits_scaling=dec.logits_scaling,
-            pad_token_id=max(dec.pad_id, 0),
-        ),
-        audio_token_index=cfg.audio_token_id,
-        has_lora_adapter=False,
-        window_size=proj.window_size,
-        downsample_rate=proj.downsample_rate,
-    )
+    hf = to_hf_config(model.config)
     torch.manual_seed(0)
     device = model.decoder.head.weight.device
     return GraniteSpeechForConditionalGeneration(hf).eval().to(device)

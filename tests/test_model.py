@@ -19,6 +19,7 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 import gsopt
+from gsopt.config import from_hf_config, to_hf_config
 from gsopt.encoder import encoder_frame_mask
 from gsopt.generate import generate
 
@@ -198,6 +199,14 @@ def test_variant_sizes_on_meta(variant, billions):
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / 1e9 - billions) < 0.1
     assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", sorted(gsopt.VARIANTS))
+def test_hf_config_round_trip(variant):
+    config = gsopt.get_variant(variant)
+    hf = to_hf_config(config).to_dict()
+    back = from_hf_config(hf, {"r": config.lora_rank, "lora_alpha": config.lora_alpha})
+    assert back == config
 
 
 def test_config_json_is_read_not_assumed(tmp_path):
