@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     stages = apply(recipe_model, recipe)
     pipelines = {
         "eager": Pipeline(model, Stages.eager(model, "dynamic")),
-        "recipe": Pipeline(recipe_model, stages, recipe.check_every, recipe.prefill_bucket),
+        "recipe": Pipeline(recipe_model, stages),
     }
     runs = measure(pipelines, waves, template, args.max_new_tokens, args.repeats)
     eager, optimised = runs["eager"], runs["recipe"]

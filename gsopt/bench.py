@@ -148,7 +148,7 @@ def measure_recipe(
     recipe = load_recipe(recipe_name)
     torch._dynamo.reset()
     stages = apply(model, recipe)
-    pipeline = Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket)
+    pipeline = Pipeline(model, stages)
     calls, totals = [], []
     for _ in range(repeats + 1):
         timer = StageTimer(pipeline.device)

@@ -35,25 +35,16 @@ from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE
 from gsopt.generate import right_pad
 from gsopt.kv_cache import StaticKVCache, bucket
-from gsopt.pipeline import STAGES, Stages, prompt_for
+from gsopt.pipeline import AUDIO_LADDER_S, STAGES, Stages, bucket_seconds, prompt_for
 from gsopt.runtime import resolve_device
 
 STRATEGIES = ("exact", "dynamic", "buckets")
 BACKENDS = ("inductor", "aot_eager", "eager")
 # Audio buckets in seconds: a geometric ladder up to the 60 s that Granite Speech serves.
-AUDIO_LADDER_S = (4, 8, 16, 32, 64)
 MAX_NEW_TOKENS = 16
 # Room for every graph of the longest sweep: past dynamo's default limit (8) it falls back to
 # eager silently and the counts would stop growing.
 RECOMPILE_LIMIT = 64
-
-
-def bucket_seconds(seconds: float, ladder: tuple[int, ...] = AUDIO_LADDER_S) -> int:
-    """The smallest rung that holds the clip (the measured bucketing helper)."""
-    for rung in ladder:
-        if seconds <= rung:
-            return rung
-    raise GsoptError(f"{seconds} s of audio is past the longest bucket ({ladder[-1]} s)")
 
 
 @dataclass
@@ -409,4 +400,4 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-__all__ = ["bucket_seconds", "explain_gsopt", "explain_reference"]
+__all__ = ["explain_gsopt", "explain_reference"]

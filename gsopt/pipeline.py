@@ -9,17 +9,29 @@ optimised versions of the same functions.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from gsopt.encoder import encoder_frame_mask
-from gsopt.frontend import LogMelFrontend
+from gsopt.frontend import SAMPLE_RATE, LogMelFrontend
 from gsopt.generate import decode_one_token_static, generate, prefill_static
 from gsopt.timing import StageTimer, stage
 
 STAGES = ("frontend", "encoder", "projector", "prefill", "decode")
+# Audio lengths (seconds) that compiled audio stages are specialised for: every clip is
+# padded up to the next rung, so 1-60 s of audio compiles at most five shapes per batch size.
+AUDIO_LADDER_S = (4, 8, 16, 32, 64)
+
+
+def bucket_seconds(seconds: float, ladder: tuple[int, ...] = AUDIO_LADDER_S) -> int:
+    """The smallest rung that holds the clip; past the ladder, a multiple of the last rung."""
+    for rung in ladder:
+        if seconds <= rung:
+            return rung
+    return -(-int(math.ceil(seconds)) // ladder[-1]) * ladder[-1]
 
 
 def encode(model, features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
@@ -34,8 +46,10 @@ def project(model, hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Stages:
-    """One callable per stage. `kv_cache` and `decode_attention` say which decoder path the
-    prefill/decode callables belong to."""
+    """One callable per stage, and how the pipeline feeds them: `kv_cache` and
+    `decode_attention` say which decoder path prefill/decode belong to; `prefill_bucket` and
+    `audio_buckets` pad shapes so compiled stages see few of them; `check_every` is how often
+    the decode loop syncs to look for end-of-text."""
 
     frontend: Callable
     encoder: Callable
@@ -46,6 +60,9 @@ class Stages:
     decode_attention: str = "sdpa"
     notes: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    check_every: int = 8
+    prefill_bucket: int = 1
+    audio_buckets: bool = False
 
     @classmethod
     def eager(cls, model, kv_cache: str = "static", decode_attention: str = "sdpa") -> Stages:
@@ -70,18 +87,17 @@ def prompt_for(audio_tokens: int, template: list[int], audio_token_id: int) -> t
 class Pipeline:
     """Drives the stages. Returns greedy tokens [B, max_new_tokens] per call."""
 
-    def __init__(
-        self, model, stages: Stages | None = None, check_every: int = 8, prefill_bucket: int = 1
-    ):
+    def __init__(self, model, stages: Stages | None = None):
         self.model = model
         self.stages = stages or Stages.eager(model)
-        self.check_every = check_every
-        self.prefill_bucket = prefill_bucket
         self.device = model.decoder.head.weight.device
 
     def batch(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(w) for w in waveforms])
-        padded = torch.zeros(len(waveforms), int(lengths.max()))
+        width = int(lengths.max())
+        if self.stages.audio_buckets:  # real lengths still mask every stage: results are unchanged
+            width = bucket_seconds(width / SAMPLE_RATE) * SAMPLE_RATE
+        padded = torch.zeros(len(waveforms), width)
         for row, wave in enumerate(waveforms):
             padded[row, : len(wave)] = wave
         return padded.to(self.device), lengths.to(self.device)
@@ -116,8 +132,8 @@ class Pipeline:
             max_new_tokens,
             kv_cache=stages.kv_cache,
             eos_id=eos_id,
-            check_every=self.check_every,
-            prefill_bucket=self.prefill_bucket,
+            check_every=stages.check_every,
+            prefill_bucket=stages.prefill_bucket,
             decode_attention=stages.decode_attention,
             decode_step=stages.decode,
             prefill=stages.prefill,

@@ -53,6 +53,7 @@ class Recipe:
     lora: str = "live"
     dtype: str | None = None
     prefill_bucket: int = 64
+    audio_buckets: bool = False
     check_every: int = 8
     frontend: StageRecipe = field(default_factory=StageRecipe)
     encoder: StageRecipe = field(default_factory=StageRecipe)
@@ -236,6 +237,9 @@ def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
     stages = Stages.eager(model, recipe.kv_cache, settings["decode"].attention)
     stages.notes = notes
     stages.labels = {stage: describe(settings[stage]) for stage in STAGES}
+    stages.check_every = recipe.check_every
+    stages.prefill_bucket = recipe.prefill_bucket
+    stages.audio_buckets = recipe.audio_buckets
     for stage in STAGES:
         setattr(stages, stage, _wrap(stage, getattr(stages, stage), settings[stage]))
     if settings["decode"].cudagraph:

@@ -126,7 +126,7 @@ def pipeline_for(model, recipe: Recipe | None) -> Pipeline:
     stages = apply_recipe(model, recipe)
     for note in stages.notes:
         log.warning("recipe %s: %s", recipe.name, note)
-    return Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket)
+    return Pipeline(model, stages)
 
 
 def _run_batch(

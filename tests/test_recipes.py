@@ -65,9 +65,7 @@ def test_recipe_tokens_equal_eager(name, eager_tokens):
     model = tiny()
     recipe = load_recipe(name)
     stages = apply(model, recipe)
-    tokens = Pipeline(model, stages, recipe.check_every, recipe.prefill_bucket)(
-        waves(), TEMPLATE, 24
-    )
+    tokens = Pipeline(model, stages)(waves(), TEMPLATE, 24)
     assert len(set(eager_tokens[0].tolist())) > 3
     assert torch.equal(tokens, eager_tokens)
     if name in CUDA_ONLY and not torch.cuda.is_available():
