@@ -18,6 +18,7 @@ import torch
 from gsopt.encoder import encoder_frame_mask
 from gsopt.frontend import SAMPLE_RATE, LogMelFrontend
 from gsopt.generate import decode_one_token_static, generate, prefill_static
+from gsopt.lora import set_lora_enabled
 from gsopt.timing import StageTimer, stage
 
 STAGES = ("frontend", "encoder", "projector", "prefill", "decode")
@@ -112,6 +113,8 @@ class Pipeline:
         timer: StageTimer | None = None,
     ) -> torch.Tensor:
         model, stages = self.model, self.stages
+        if model.lora_mode == "live":  # every pipeline input carries audio
+            set_lora_enabled(model, True)
         dtype = model.projector.query.dtype
         waves, lengths = self.batch(waveforms)
         with stage(timer, "frontend"):

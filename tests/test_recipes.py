@@ -161,3 +161,10 @@ def test_cuda_graph_recipes_equal_eager_on_gpu(name):
     assert torch.equal(pipeline(waves(), TEMPLATE, 24), expected)  # replays the capture
     if name == "cudagraph-decoder":
         assert stages.decode.captures == 1
+
+
+def test_pipeline_keeps_live_lora_on_after_a_text_only_call(eager_tokens):
+    model = tiny()
+    pipeline = Pipeline(model, Stages.eager(model, "dynamic"))
+    model(torch.tensor([[5, 6, 7]]))  # text only: transformers' rule turns the live LoRA off
+    assert torch.equal(pipeline(waves(), TEMPLATE, 24), eager_tokens)
