@@ -74,13 +74,14 @@ def parse_peft_adapter(
 
 
 def random_adapter(config: GraniteSpeechConfig, generator: torch.Generator | None = None):
-    """A random adapter of the variant's published rank, for benchmarks with random weights."""
+    """A random adapter of the variant's published rank, for benchmarks with random weights.
+    Unit-gain factors (std 1/sqrt(fan_in)), so the adapter visibly changes the output and a
+    test that loses it fails."""
     dec, r = config.decoder, config.lora_rank
     q_out, v_out = dec.nheads * dec.head_dim, dec.kvheads * dec.head_dim
-    std = dec.emb_dim**-0.5
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator) * std
+    def randn(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=generator) * cols**-0.5
 
     return {
         i: {
