@@ -73,7 +73,7 @@ def test_recipe_tokens_equal_eager(name, eager_tokens):
 
 
 def test_static_decode_step_compiles_once():
-    """fullgraph=True; 64 steps and two prompt lengths in one bucket: one graph, no recompiles."""
+    """fullgraph=True; 128 steps and two prompt lengths in one bucket: one graph, no recompiles."""
     torch._dynamo.reset()
     model = tiny()
     counter = torch._dynamo.testing.CompileCounter()
@@ -81,7 +81,7 @@ def test_static_decode_step_compiles_once():
     audio = model.embed_audio(torch.randn(1, 40, 160))
     for extra in ([], [10, 11, 12, 13, 14, 15, 16, 17]):  # prompt lengths 20 and 28
         prompt = torch.tensor([5, 6, *[AUDIO_TOKEN_ID] * 9, 7, 8, 9, *extra])
-        generate(model, [prompt], audio, 64, decode_step=step)
+        generate(model, [prompt], audio, 128, decode_step=step)
     assert counter.frame_count == 1
 
 
