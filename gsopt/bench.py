@@ -11,6 +11,7 @@ bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import resource
@@ -144,9 +145,11 @@ def _summary(
 def measure_recipe(
     model, recipe_name: str, waves, template, new_tokens: int, repeats: int, profile
 ):
-    """Time one recipe's pipeline; returns (summary, notes)."""
+    """Time one recipe's pipeline; returns (summary, notes). The recipe transforms a copy, so
+    the next recipe starts from the same model."""
     recipe = load_recipe(recipe_name)
     torch._dynamo.reset()
+    model = copy.deepcopy(model)
     stages = apply(model, recipe)
     pipeline = Pipeline(model, stages)
     calls, totals = [], []
@@ -157,8 +160,8 @@ def measure_recipe(
         totals.append(timer.times.pop("total")[0])
         calls.append(dict(timer.times))
     if profile is not None:
-        with torch.profiler.profile() as prof:
-            pipeline(waves, template, new_tokens)
+        with torch.profiler.profile() as prof:  # every stage is a named range (gsopt/STAGE)
+            pipeline(waves, template, new_tokens, timer=StageTimer(pipeline.device, annotate=True))
         profile.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(profile / f"{recipe_name}.json"))
     return calls, totals, stages.notes
@@ -265,7 +268,6 @@ def _point_rows(
             if name in PEERS:
                 calls, totals = measure_peer(hf, name, waves, template, new_tokens, args.repeats)
             else:
-                model.to(DTYPES[dtype_name])  # a recipe may have cast it
                 calls, totals, row["notes"] = measure_recipe(
                     model, name, waves, template, new_tokens, args.repeats, args.profile
                 )

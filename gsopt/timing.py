@@ -14,8 +14,9 @@ class StageTimer:
     """Synchronised `perf_counter` around each stage call. CUDA events alone would hide the
     host overhead (Python, kernel launches) that graph capture and compile remove."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, annotate: bool = False):
         self.device = torch.device(device)
+        self.annotate = annotate  # name each stage in a torch.profiler trace
         self.times: dict[str, list[float]] = defaultdict(list)
 
     def _sync(self) -> None:
@@ -26,8 +27,9 @@ class StageTimer:
     def __call__(self, stage: str) -> Iterator[None]:
         self._sync()
         start = time.perf_counter()
-        yield
-        self._sync()
+        with torch.profiler.record_function(f"gsopt/{stage}") if self.annotate else nullcontext():
+            yield
+            self._sync()
         self.times[stage].append(time.perf_counter() - start)
 
 

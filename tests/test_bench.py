@@ -27,8 +27,15 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     argv = ["bench", "--model", "tiny", "--device", "cpu", "--recipes", "eager,static-kv"]
     argv += ["--audio-seconds", "1", "--batch", "2", "--max-new-tokens", "4", "--repeats", "2"]
-    assert _run(bench, [*argv, "--out", str(out)]) == 0
+    assert _run(bench, [*argv, "--out", str(out), "--profile", str(out.parent / "traces")]) == 0
     return out
+
+
+def test_profile_writes_a_trace_per_recipe_with_named_stages(results):
+    for recipe in ("eager", "static-kv"):
+        trace = json.loads((results.parent / "traces" / f"{recipe}.json").read_text())
+        names = {event.get("name") for event in trace["traceEvents"]}
+        assert {f"gsopt/{stage}" for stage in STAGES} <= names
 
 
 def test_bench_writes_every_field(results):
