@@ -108,6 +108,7 @@ def stage_rows(stages: Stages, eager: Run, optimised: Run) -> list[dict[str, Any
                 "graph_breaks": getattr(compiled, "graph_breaks", 0),
                 "recompiles": getattr(compiled, "recompiles", 0),
                 "cudagraph_captures": getattr(fn, "captures", 0),
+                "cudagraph_skips": getattr(compiled, "cudagraph_skips", 0),
                 "backend": stages.labels.get(stage, "eager"),
             }
         )
@@ -165,6 +166,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 r["graph_breaks"],
                 r["recompiles"],
                 r["cudagraph_captures"],
+                r["cudagraph_skips"],
             ]
             for r in report["stages"]
         ],
@@ -179,6 +181,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "breaks",
             "recompiles",
             "captures",
+            "cudagraph skips",
         ],
         tablefmt="github",
     )

@@ -41,6 +41,11 @@ class StaticKVCache:
             )
             for _ in range(nlayers)
         ]
+        for buffers in self.layers:
+            for buffer in buffers:
+                # Written in place every step: tell cudagraphs (reduce-overhead) the address is
+                # stable, or inductor skips the graph for "mutated inputs".
+                torch._dynamo.mark_static_address(buffer)
         self.max_len = max_len
 
     @classmethod

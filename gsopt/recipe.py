@@ -144,26 +144,32 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     return parse_recipe(data, str(name_or_path))
 
 
-def _counters() -> tuple[int, int]:
+def _counters() -> tuple[int, int, int]:
     counters = torch._dynamo.utils.counters
-    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    return (
+        counters["stats"]["unique_graphs"],
+        sum(counters["graph_break"].values()),
+        counters["inductor"]["cudagraph_skips"],
+    )
 
 
 class CompiledStage:
-    """A compiled stage that counts its own graphs, graph breaks and recompiles, and the
-    wall time of its first call (which includes compilation)."""
+    """A compiled stage that counts its own graphs, graph breaks, recompiles and CUDA-graph
+    skips (inductor skips them silently, e.g. for mutated inputs), and the wall time of its
+    first call (which includes compilation)."""
 
     def __init__(self, fn, **compile_kwargs: Any):
         self.fn = torch.compile(fn, **compile_kwargs)
-        self.graphs = self.graph_breaks = self.recompiles = self.calls = 0
+        self.graphs = self.graph_breaks = self.recompiles = self.cudagraph_skips = 0
+        self.calls = 0
         self.first_call_s = 0.0
 
     def __call__(self, *args):
-        graphs, breaks = _counters()
+        before = _counters()
         start = time.perf_counter()
         out = self.fn(*args)
-        new_graphs, new_breaks = (
-            after - before for after, before in zip(_counters(), (graphs, breaks), strict=True)
+        new_graphs, new_breaks, new_skips = (
+            after - then for after, then in zip(_counters(), before, strict=True)
         )
         if self.calls == 0:
             self.first_call_s = time.perf_counter() - start
@@ -171,6 +177,7 @@ class CompiledStage:
             self.recompiles += new_graphs
         self.graphs += new_graphs
         self.graph_breaks += new_breaks
+        self.cudagraph_skips += new_skips
         self.calls += 1
         return out
 
