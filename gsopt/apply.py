@@ -26,6 +26,7 @@ from gsopt.pipeline import STAGES, Pipeline, Stages
 from gsopt.recipe import Recipe, apply, load_recipe
 from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
 from gsopt.timing import StageTimer
+from gsopt.tokenizer import TOKENIZER_FILES, load_tokenizer, prompt_ids, synthetic_tokenizer
 
 
 def default_model(device: torch.device) -> tuple[str, str]:
@@ -33,10 +34,14 @@ def default_model(device: torch.device) -> tuple[str, str]:
     return ("3.3-8b", "bfloat16") if device.type == "cuda" else ("cpu-small", "float32")
 
 
-def prompt_template(config) -> list[int]:
-    """Token ids around one audio placeholder. Random-weight variants have no tokenizer, and
-    timing and agreement checks need only a fixed, realistic prompt length."""
-    return [1, 2, 3, config.audio_token_id, *range(4, 20)]
+def prompt_template(config, source: str | Path | None = None) -> list[int]:
+    """The default transcription prompt's ids (one audio placeholder): through the checkpoint's
+    own tokenizer and chat template when `source` is a folder that has one, else through
+    gsopt's synthetic tokenizer, so timings see a prompt of realistic length."""
+    tokenizer = synthetic_tokenizer(config)
+    if source is not None and any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(source, config)
+    return prompt_ids(tokenizer, config.audio_token_id)
 
 
 @dataclass
@@ -218,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_dtype(dtype_name, device)
     waves = [load_audio(f) for f in args.audio] if args.audio else [sample_audio()]
     model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
-    template = prompt_template(model.config)
+    template = prompt_template(model.config, source)
 
     # The recipe transforms its own copy (dtype, merged LoRA, kernels), so both run
     # interleaved on the same weights.
