@@ -40,7 +40,6 @@ from gsopt.runtime import resolve_device
 
 STRATEGIES = ("exact", "dynamic", "buckets")
 BACKENDS = ("inductor", "aot_eager", "eager")
-# Audio buckets in seconds: a geometric ladder up to the 60 s that Granite Speech serves.
 MAX_NEW_TOKENS = 16
 # Room for every graph of the longest sweep: past dynamo's default limit (8) it falls back to
 # eager silently and the counts would stop growing.
@@ -61,8 +60,9 @@ class StageReport:
     compile_s: float = 0.0
     steady_ms: float = 0.0
     kernels: int | str = "n/a"
+    # The sweep compiles without CUDA graphs, so there is nothing to re-record here;
+    # `gsopt apply` reports the decode step's captures.
     cudagraph_rerecords: int | str = "n/a"
-    error: str = ""
 
 
 class RecompileLog(logging.Handler):
@@ -150,7 +150,6 @@ def sweep(
     report.steady_ms = statistics.median(steady)
     if backend == "inductor":
         report.kernels = _kernel_count() - kernels_before
-    report.cudagraph_rerecords = 0 if torch.cuda.is_available() else "n/a"
 
 
 def _kernel_count() -> int:
