@@ -105,9 +105,10 @@ def _check_state_dict(model: GraniteSpeech, state_dict: dict[str, torch.Tensor])
             )
 
 
-def _adapter(folder: Path) -> tuple[dict | None, dict | None]:
+def _adapter(folder: Path) -> dict | None:
+    """The peft adapter's tensors grouped by layer, or None when the folder has none."""
     if not (folder / ADAPTER_CONFIG).exists():
-        return None, None
+        return None
     weights = folder / ADAPTER_WEIGHTS
     if not weights.exists():
         raise GsoptError(f"{folder}: {ADAPTER_CONFIG} is present but {ADAPTER_WEIGHTS} is missing")
@@ -116,12 +117,32 @@ def _adapter(folder: Path) -> tuple[dict | None, dict | None]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise GsoptError(f"{weights}: not a readable safetensors file ({e})") from None
-    return read_json(folder / ADAPTER_CONFIG), parse_peft_adapter(tensors)
+    return parse_peft_adapter(tensors)
+
+
+def checkpoint_folder(source: str | Path) -> Path:
+    folder = Path(source)
+    if not folder.is_dir():
+        raise GsoptError(
+            f"{source}: neither a variant ({', '.join(VARIANTS)}) nor a checkpoint folder"
+        )
+    return folder
+
+
+def load_config(source: str | Path) -> GraniteSpeechConfig:
+    """The config alone, no weights read (so inputs can be checked before a long load): a
+    variant's, or the folder's config.json with its adapter_config.json if any."""
+    if str(source) in VARIANTS:
+        return VARIANTS[str(source)]
+    folder = checkpoint_folder(source)
+    adapter_file = folder / ADAPTER_CONFIG
+    adapter_config = read_json(adapter_file) if adapter_file.exists() else None
+    return from_hf_config(read_json(folder / "config.json"), adapter_config)
 
 
 def load_checkpoint(folder: Path, dtype: torch.dtype, lora: LoraMode) -> GraniteSpeech:
-    adapter_config, adapter = _adapter(folder)
-    config = from_hf_config(read_json(folder / "config.json"), adapter_config)
+    config = load_config(folder)
+    adapter = _adapter(folder)
     with torch.device("meta"):
         model = GraniteSpeech(config)
     state_dict = serialization.get_adapted(
@@ -151,16 +172,14 @@ def load_model(
         raise GsoptError(f"unknown lora mode {lora!r}: choose one of {', '.join(LORA_MODES)}")
     if str(source) in VARIANTS:
         torch.manual_seed(seed)
-        model = models.get_model(ARCHITECTURE, str(source), data_type=dtype)
+        # Random init where the model will run: an 8B init on a GPU takes seconds.
+        model = models.get_model(
+            ARCHITECTURE, str(source), device_type=torch.device(device).type, data_type=dtype
+        )
         config: GraniteSpeechConfig = model.config
         if config.lora_rank:
             generator = torch.Generator().manual_seed(seed)
             attach_audio_lora(model, random_adapter(config, generator), lora)
     else:
-        folder = Path(source)
-        if not folder.is_dir():
-            raise GsoptError(
-                f"{source}: neither a variant ({', '.join(VARIANTS)}) nor a checkpoint folder"
-            )
-        model = load_checkpoint(folder, dtype, lora)
+        model = load_checkpoint(checkpoint_folder(source), dtype, lora)
     return model.to(device).eval()

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from gsopt.audio import SAMPLE_AUDIO, load_audio
-from gsopt.checkpoint import load_model
-from gsopt.config import VARIANTS, GraniteSpeechConfig, from_hf_config, read_json
+from gsopt.checkpoint import load_config, load_model
+from gsopt.config import VARIANTS, GraniteSpeechConfig
 from gsopt.errors import GsoptError
 from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE
 from gsopt.generate import truncate_at_eos
@@ -77,18 +77,6 @@ class Transcription:
             "new_tokens": len(self.tokens),
             "batch": {**asdict(self.timings), "rtfx": self.timings.rtfx},
         }
-
-
-def model_config(source: str | os.PathLike) -> GraniteSpeechConfig:
-    """The config alone, read before any weights so that inputs can be checked first."""
-    if str(source) in VARIANTS:
-        return VARIANTS[str(source)]
-    folder = Path(source)
-    if not folder.is_dir():
-        raise GsoptError(
-            f"{source}: neither a variant ({', '.join(VARIANTS)}) nor a checkpoint folder"
-        )
-    return from_hf_config(read_json(folder / "config.json"))
 
 
 def check_clip_lengths(
@@ -196,7 +184,7 @@ def transcribe(
     torch_dtype = resolve_dtype(dtype, torch_device)
     paths = [Path(f) for f in files] if files else [SAMPLE_AUDIO]
     waveforms = [load_audio(path) for path in paths]
-    config = model_config(model)
+    config = load_config(model)
     tokenizer = load_tokenizer(model, config)
     template = prompt_ids(tokenizer, config.audio_token_id, prompt)
     check_clip_lengths(paths, waveforms, config, len(template) - 1, max_new_tokens)
