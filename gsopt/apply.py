@@ -23,7 +23,7 @@ from gsopt.audio import load_audio, sample_audio
 from gsopt.checkpoint import load_model
 from gsopt.errors import GsoptError
 from gsopt.pipeline import STAGES, Pipeline, Stages
-from gsopt.recipe import Recipe, apply, load_recipe
+from gsopt.recipe import Recipe, apply, changes_model, load_recipe
 from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
 from gsopt.timing import StageTimer
 from gsopt.tokenizer import TOKENIZER_FILES, load_tokenizer, prompt_ids, synthetic_tokenizer
@@ -225,9 +225,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
     template = prompt_template(model.config, source)
 
-    # The recipe transforms its own copy (dtype, merged LoRA, kernels), so both run
-    # interleaved on the same weights.
-    recipe_model = copy.deepcopy(model)
+    # A recipe that transforms the model (dtype, merged LoRA, kernels) gets its own copy, so
+    # both run interleaved on the same weights; one that only wraps stages shares the model.
+    recipe_model = copy.deepcopy(model) if changes_model(model, recipe) else model
     stages = apply(recipe_model, recipe)
     pipelines = {
         "eager": Pipeline(model, Stages.eager(model, "dynamic")),

@@ -32,7 +32,7 @@ from gsopt.config import VARIANTS, GraniteSpeechConfig, to_hf_config
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE, LogMelFrontend, num_audio_tokens
 from gsopt.pipeline import STAGES, Pipeline, prompt_for
-from gsopt.recipe import apply, load_recipe
+from gsopt.recipe import apply, changes_model, load_recipe
 from gsopt.runtime import DTYPES, resolve_device
 from gsopt.timing import StageTimer
 
@@ -145,11 +145,12 @@ def _summary(
 def measure_recipe(
     model, recipe_name: str, waves, template, new_tokens: int, repeats: int, profile
 ):
-    """Time one recipe's pipeline; returns (summary, notes). The recipe transforms a copy, so
-    the next recipe starts from the same model."""
+    """Time one recipe's pipeline; returns (summary, notes). A recipe that transforms the model
+    gets a copy, so the next recipe starts from the same model."""
     recipe = load_recipe(recipe_name)
     torch._dynamo.reset()
-    model = copy.deepcopy(model)
+    if changes_model(model, recipe):
+        model = copy.deepcopy(model)
     stages = apply(model, recipe)
     pipeline = Pipeline(model, stages)
     calls, totals = [], []

@@ -224,6 +224,17 @@ def describe(settings: StageRecipe) -> str:
     return " + ".join(parts)
 
 
+def changes_model(model: torch.nn.Module, recipe: Recipe) -> bool:
+    """Whether `apply` would transform the model itself (not only wrap its stages): then a
+    caller that still needs the original must give `apply` a copy."""
+    dtype = model.projector.query.dtype
+    return (
+        (recipe.dtype is not None and DTYPES[recipe.dtype] != dtype)
+        or (recipe.lora == "merged" and model.lora_mode == "live")
+        or recipe.encoder.attention != "sdpa"
+    )
+
+
 def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
     """Transform `model` as the recipe says and return its stages (eager, compiled or captured)."""
     cuda = model.decoder.head.weight.device.type == "cuda"

@@ -13,7 +13,7 @@ import gsopt
 from gsopt.cli import main
 from gsopt.generate import decode_one_token_static, generate
 from gsopt.pipeline import Pipeline, Stages
-from gsopt.recipe import apply, builtin_recipes, load_recipe
+from gsopt.recipe import apply, builtin_recipes, changes_model, load_recipe
 
 TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
 CUDA_ONLY = {"cudagraph-decoder", "reduce-overhead", "best"}
@@ -168,3 +168,15 @@ def test_pipeline_keeps_live_lora_on_after_a_text_only_call(eager_tokens):
     pipeline = Pipeline(model, Stages.eager(model, "dynamic"))
     model(torch.tensor([[5, 6, 7]]))  # text only: transformers' rule turns the live LoRA off
     assert torch.equal(pipeline(waves(), TEMPLATE, 24), eager_tokens)
+
+
+def test_changes_model_says_when_a_copy_is_needed():
+    model = tiny()
+    assert not changes_model(model, load_recipe("compile-decoder"))
+    assert changes_model(model, load_recipe("best"))  # merges the live LoRA
+    assert changes_model(model, load_recipe("triton-attention"))  # swaps encoder attention
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply(model, load_recipe("compile-decoder"))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
