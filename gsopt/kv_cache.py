@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from fms.modules.attention import register_attention_op
 
 ATTN_NAME = "gsopt_static"
-DECODE_ATTENTION = ("sdpa", "math", "triton")
 
 
 class StaticKVCache:

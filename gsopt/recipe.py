@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -155,25 +154,20 @@ def _counters() -> tuple[int, int, int]:
 
 class CompiledStage:
     """A compiled stage that counts its own graphs, graph breaks, recompiles and CUDA-graph
-    skips (inductor skips them silently, e.g. for mutated inputs), and the wall time of its
-    first call (which includes compilation)."""
+    skips (inductor skips them silently, e.g. for mutated inputs)."""
 
     def __init__(self, fn, **compile_kwargs: Any):
         self.fn = torch.compile(fn, **compile_kwargs)
         self.graphs = self.graph_breaks = self.recompiles = self.cudagraph_skips = 0
         self.calls = 0
-        self.first_call_s = 0.0
 
     def __call__(self, *args):
         before = _counters()
-        start = time.perf_counter()
         out = self.fn(*args)
         new_graphs, new_breaks, new_skips = (
             after - then for after, then in zip(_counters(), before, strict=True)
         )
-        if self.calls == 0:
-            self.first_call_s = time.perf_counter() - start
-        else:
+        if self.calls:
             self.recompiles += new_graphs
         self.graphs += new_graphs
         self.graph_breaks += new_breaks

@@ -13,7 +13,7 @@ import gsopt
 from gsopt.cli import main
 from gsopt.generate import decode_one_token_static, generate
 from gsopt.pipeline import Pipeline, Stages
-from gsopt.recipe import apply, builtin_recipes, changes_model, load_recipe
+from gsopt.recipe import CompiledStage, apply, builtin_recipes, changes_model, load_recipe
 
 TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
 CUDA_ONLY = {"cudagraph-decoder", "reduce-overhead", "best"}
@@ -180,3 +180,13 @@ def test_changes_model_says_when_a_copy_is_needed():
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_compiled_stage_counts_graphs_and_recompiles():
+    torch._dynamo.reset()
+    stage = CompiledStage(lambda x: x.sin() + 1, backend="eager", dynamic=False, fullgraph=True)
+    stage(torch.randn(3))
+    stage(torch.randn(3))
+    assert (stage.graphs, stage.recompiles) == (1, 0)
+    stage(torch.randn(5))  # a new static shape: one recompile
+    assert (stage.graphs, stage.recompiles, stage.graph_breaks) == (2, 1, 0)
