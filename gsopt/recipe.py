@@ -250,7 +250,9 @@ def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
     stages.notes = notes
     stages.labels = {stage: describe(settings[stage]) for stage in STAGES}
     stages.check_every = recipe.check_every
-    stages.prefill_bucket = recipe.prefill_bucket
+    # Padding the prompt only helps a compiled prefill (fewer shapes); eager would just pay
+    # for it. The cache length is bucketed either way, so decode shapes stay bounded.
+    stages.prefill_bucket = recipe.prefill_bucket if settings["prefill"].backend != "eager" else 1
     stages.audio_buckets = recipe.audio_buckets
     for stage in STAGES:
         setattr(stages, stage, _wrap(stage, getattr(stages, stage), settings[stage]))
