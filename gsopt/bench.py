@@ -106,7 +106,7 @@ def peak_memory(device: torch.device) -> int:
 
 def memory_kind(device: torch.device) -> str:
     if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated, reset before each row"
+        return "torch.cuda.max_memory_allocated, reset before each call; the max over a row's calls"
     return "process peak RSS (getrusage ru_maxrss): monotonic over the whole run, not per row"
 
 
@@ -142,30 +142,24 @@ def _summary(
     }
 
 
-def measure_recipe(
-    model, recipe_name: str, waves, template, new_tokens: int, repeats: int, profile
-):
-    """Time one recipe's pipeline; returns (summary, notes). A recipe that transforms the model
-    gets a copy, so the next recipe starts from the same model."""
+def recipe_runner(model, recipe_name: str, waves, template, new_tokens: int):
+    """A recipe's pipeline as a callable: each call runs it once and returns (per-stage
+    times, total seconds). A recipe that transforms the model gets a copy, so every row
+    starts from the same model."""
     recipe = load_recipe(recipe_name)
-    torch._dynamo.reset()
     if changes_model(model, recipe):
         model = copy.deepcopy(model)
     stages = apply(model, recipe)
     pipeline = Pipeline(model, stages)
-    calls, totals = [], []
-    for _ in range(repeats + 1):
-        timer = StageTimer(pipeline.device)
+
+    def call(annotate: bool = False) -> tuple[dict[str, list[float]], float]:
+        timer = StageTimer(pipeline.device, annotate)
         with timer("total"):
             pipeline(waves, template, new_tokens, timer=timer)
-        totals.append(timer.times.pop("total")[0])
-        calls.append(dict(timer.times))
-    if profile is not None:
-        with torch.profiler.profile() as prof:  # every stage is a named range (gsopt/STAGE)
-            pipeline(waves, template, new_tokens, timer=StageTimer(pipeline.device, annotate=True))
-        profile.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(profile / f"{recipe_name}.json"))
-    return calls, totals, stages.notes
+        total = timer.times.pop("total")[0]
+        return dict(timer.times), total
+
+    return call, stages.notes
 
 
 class _StepClock:
@@ -185,9 +179,10 @@ class _StepClock:
         pass
 
 
-def measure_peer(hf, peer: str, waves, template, new_tokens: int, repeats: int):
-    """Time transformers' generate (eager, or static cache + compiled forward). The gsopt
-    log-mel frontend stands in for transformers' feature extractor, timed inside the call."""
+def peer_runner(hf, peer: str, waves, template, new_tokens: int):
+    """transformers' generate (eager, or static cache + compiled forward) as a callable like
+    `recipe_runner`'s. The gsopt log-mel frontend stands in for transformers' feature
+    extractor, timed inside the call."""
     from transformers.generation.configuration_utils import CompileConfig
 
     device = hf.device
@@ -207,9 +202,8 @@ def measure_peer(hf, peer: str, waves, template, new_tokens: int, repeats: int):
         )
         config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
         kwargs.update(cache_implementation="static", compile_config=config)
-    calls, totals = [], []
-    torch._dynamo.reset()
-    for _ in range(repeats + 1):
+
+    def call(annotate: bool = False) -> tuple[dict[str, list[float]], float]:
         clock = _StepClock(device)
         start = time.perf_counter()
         with torch.no_grad():
@@ -224,18 +218,18 @@ def measure_peer(hf, peer: str, waves, template, new_tokens: int, repeats: int):
             )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        totals.append(time.perf_counter() - start)
+        total = time.perf_counter() - start
         s = clock.stamps  # [frontend done, prompt put, prefill token, decode steps...]
         if out.shape[1] - ids.shape[1] != new_tokens:
             raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
-        calls.append(
-            {
-                "frontend": [s[0] - start],
-                "prefill": [s[2] - s[1]],  # encoder + projector + prefill: one forward
-                "decode": [b - a for a, b in zip(s[2:], s[3:], strict=False)],
-            }
-        )
-    return calls, totals
+        times = {
+            "frontend": [s[0] - start],
+            "prefill": [s[2] - s[1]],  # encoder + projector + prefill: one forward
+            "decode": [b - a for a, b in zip(s[2:], s[3:], strict=False)],
+        }
+        return times, total
+
+    return call
 
 
 def _point_rows(
@@ -250,9 +244,8 @@ def _point_rows(
         model.config, batch, prompt_len + new_tokens // 2, DTYPES[dtype_name]
     )
     names = ([*PEERS] if hf is not None else []) + recipes
-    rows = []
-    for name in names:
-        row: dict[str, Any] = dict(
+    rows = {
+        name: dict(
             name=name,
             kind="peer" if name in PEERS else "recipe",
             dtype=dtype_name,
@@ -263,24 +256,51 @@ def _point_rows(
             error=None,
             notes=[],
         )
-        bar.set_postfix_str(f"{name} {dtype_name} {seconds:g}s B={batch} N={new_tokens}")
-        _reset_peak(device)
+        for name in names
+    }
+
+    def failed(name: str, e: Exception) -> None:
+        """A peer or recipe that cannot run here is a result, not a crash."""
+        if name not in PEERS and isinstance(e, GsoptError):
+            raise e
+        rows[name]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    torch._dynamo.reset()
+    runners = {}
+    for name in names:
         try:
             if name in PEERS:
-                calls, totals = measure_peer(hf, name, waves, template, new_tokens, args.repeats)
+                runners[name] = peer_runner(hf, name, waves, template, new_tokens)
             else:
-                calls, totals, row["notes"] = measure_recipe(
-                    model, name, waves, template, new_tokens, args.repeats, args.profile
+                runners[name], rows[name]["notes"] = recipe_runner(
+                    model, name, waves, template, new_tokens
                 )
-        except Exception as e:  # a peer or recipe that cannot run here is a result, not a crash
-            if name not in PEERS and isinstance(e, GsoptError):
-                raise
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            rows.append(row)
-            bar.update()
-            continue
-        row.update(_summary(calls, totals, audio_s, tokens))
-        row["peak_memory_bytes"] = peak_memory(device)
+        except Exception as e:
+            failed(name, e)
+    calls: dict[str, list] = {name: [] for name in runners}
+    totals: dict[str, list[float]] = {name: [] for name in runners}
+    peaks = dict.fromkeys(runners, 0)
+    # Round 0 compiles; every later round calls each row once, so a slow spell on the machine
+    # hits all rows alike and the ratios of medians stay fair.
+    for _ in range(args.repeats + 1):
+        for name in list(runners):
+            bar.set_postfix_str(f"{name} {dtype_name} {seconds:g}s B={batch} N={new_tokens}")
+            _reset_peak(device)
+            try:
+                times, total = runners[name]()
+            except Exception as e:
+                failed(name, e)
+                del runners[name]
+                continue
+            finally:
+                bar.update()
+            calls[name].append(times)
+            totals[name].append(total)
+            peaks[name] = max(peaks[name], peak_memory(device))
+    for name, call in runners.items():
+        row = rows[name]
+        row.update(_summary(calls[name], totals[name], audio_s, tokens))
+        row["peak_memory_bytes"] = peaks[name]
         step_s = row["decode_ms_per_token"]["median_ms"] / 1e3
         row["roofline"] = {
             "bytes_per_step": step_bytes,
@@ -288,10 +308,14 @@ def _point_rows(
             "mbu": step_bytes / step_s / copy_bw,
             "floor_ms_per_token": 1e3 * step_bytes / copy_bw,
         }
-        rows.append(row)
-        bar.update()
-    add_speedups(rows)
-    return rows
+        if args.profile is not None and name not in PEERS:
+            with torch.profiler.profile() as prof:  # every stage is a named range (gsopt/STAGE)
+                call(annotate=True)
+            args.profile.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(args.profile / f"{name}.json"))
+    ordered = [rows[name] for name in names]
+    add_speedups(ordered)
+    return ordered
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -338,7 +362,8 @@ def run(args: argparse.Namespace) -> int:
     points = [(s, b, n) for s in seconds for b in batches for n in new_tokens]
     per_point = len(recipes) + (len(PEERS) if args.peers else 0)
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(dtypes) * len(points) * per_point, file=sys.stderr, desc="bench") as bar:
+    calls = len(dtypes) * len(points) * per_point * (args.repeats + 1)
+    with tqdm(total=calls, file=sys.stderr, desc="bench", unit="call") as bar:
         for dtype_name in dtypes:
             with tempfile.TemporaryDirectory() as tmp:
                 model, hf = reference_pair(source, Path(tmp), device, DTYPES[dtype_name])
@@ -361,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
             "max_new_tokens": new_tokens,
             "repeats": args.repeats,
             "warmup_calls": 1,
+            "order": "interleaved: each round calls every row of a sweep point once",
             "peers": bool(args.peers),
             "decoding": "fixed length: eos ignored (gsopt eos_id=None, transformers "
             "min_new_tokens=max_new_tokens)",

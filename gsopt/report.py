@@ -49,7 +49,8 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
             f"transformers {env['transformers']}, ibm-fms {env['ibm-fms']}; commit "
             f"{env['commit']}; {env['date']}.",
             f"Median / p90 of {settings['repeats']} timed runs after {settings['warmup_calls']} "
-            f"warm-up call. Decoding: {settings['decoding']}. LoRA: {settings['lora']}.",
+            f"warm-up call, {settings.get('order', 'row by row')}. "
+            f"Decoding: {settings['decoding']}. LoRA: {settings['lora']}.",
             f"Measured copy bandwidth: {data['copy_bandwidth_GBps']:.1f} GB/s. "
             f"Peak memory: {data['memory_kind']}.",
             "",
