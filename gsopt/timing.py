@@ -14,9 +14,12 @@ class StageTimer:
     """Synchronised `perf_counter` around each stage call. CUDA events alone would hide the
     host overhead (Python, kernel launches) that graph capture and compile remove."""
 
-    def __init__(self, device: torch.device | str, annotate: bool = False):
+    def __init__(self, device: torch.device | str, annotate: bool = False, per_step: bool = True):
         self.device = torch.device(device)
         self.annotate = annotate  # name each stage in a torch.profiler trace
+        # Time each decode step (a device sync per token: benchmarks), or the decode loop as a
+        # whole (one sync: serving).
+        self.per_step = per_step
         self.times: dict[str, list[float]] = defaultdict(list)
 
     def _sync(self) -> None:

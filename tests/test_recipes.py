@@ -14,6 +14,7 @@ from gsopt.cli import main
 from gsopt.generate import decode_one_token_static, generate
 from gsopt.pipeline import Pipeline, Stages
 from gsopt.recipe import CompiledStage, apply, builtin_recipes, changes_model, load_recipe
+from gsopt.timing import StageTimer
 
 TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
 CUDA_ONLY = {"cudagraph-decoder", "reduce-overhead", "best"}
@@ -190,3 +191,15 @@ def test_compiled_stage_counts_graphs_and_recompiles():
     assert (stage.graphs, stage.recompiles) == (1, 0)
     stage(torch.randn(5))  # a new static shape: one recompile
     assert (stage.graphs, stage.recompiles, stage.graph_breaks) == (2, 1, 0)
+
+
+def test_serving_timer_times_the_decode_loop_once():
+    """Per-step timing syncs the device every token; the serving timer must not."""
+    model = tiny()
+    pipeline = Pipeline(model)
+    per_step, serving = StageTimer("cpu"), StageTimer("cpu", per_step=False)
+    pipeline(waves(), TEMPLATE, 12, timer=per_step)
+    pipeline(waves(), TEMPLATE, 12, timer=serving)
+    assert len(per_step.times["decode"]) == 11
+    assert len(serving.times["decode"]) == 1
+    assert len(serving.times["prefill"]) == 1
