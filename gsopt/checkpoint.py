@@ -7,7 +7,10 @@ weight is copied, and each problem is reported as one `GsoptError` naming keys o
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
+from collections import ChainMap
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _SHOWN_KEYS = 5
+_CPU = torch.device("cpu")
 
 
 def _listing(keys: set[str] | list[str]) -> str:
@@ -54,6 +58,44 @@ def weight_files(folder: Path) -> dict[Path, set[str] | None]:
     raise GsoptError(
         f"{folder}: no model.safetensors or {INDEX_FILE}; is this a checkpoint folder?"
     )
+
+
+def _is_granite_speech(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == ARCHITECTURE
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _index_aware(load_state_dict):
+    """FMS's `get_model(..., model_path=DIR, source="hf")` reads every `*.safetensors` in DIR,
+    and a real Granite Speech snapshot holds stale shards beside the current ones (a stale
+    key can win). For Granite Speech folders with an index, read the indexed shards only;
+    every other call goes to FMS unchanged."""
+
+    @functools.wraps(load_state_dict)
+    def load(model_path, *, source=None, initial_device=_CPU, **kwargs):
+        folder = Path(str(model_path)) if model_path is not None else None
+        if (
+            source == "hf"
+            and initial_device.type != "meta"
+            and not kwargs.get("checkpoint_sharding")
+            and folder is not None
+            and (folder / INDEX_FILE).exists()
+            and _is_granite_speech(folder)
+        ):
+            return ChainMap(
+                *[
+                    serialization._load_safetensors_state_dict(shard, initial_device)
+                    for shard in weight_files(folder)
+                ]
+            )
+        return load_state_dict(model_path, source=source, initial_device=initial_device, **kwargs)
+
+    return load
+
+
+serialization.load_state_dict = _index_aware(serialization.load_state_dict)
 
 
 def _read_tensors(files: dict[Path, set[str] | None]) -> dict[str, torch.Tensor]:

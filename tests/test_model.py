@@ -182,7 +182,16 @@ def test_fms_get_model_tiny_and_hf_source(tmp_path):
     assert model(ids, torch.randn(1, 16, 160)).shape == (1, ids.shape[1], 320)
 
     ref = reference_model(seed=5)  # helpers' tiny config is the `tiny` variant
-    folder = save_checkpoint(ref, tmp_path)
+    folder = save_checkpoint(ref, tmp_path, max_shard_size="100KB")
+    # Stale shards of an older revision, named to sort before the current ones (as a real
+    # 3.3-2b snapshot's -of-00003 set sorts before its -of-00004 set): FMS's glob alone
+    # would let their values win.
+    stale = {}
+    for shard in json.loads((folder / "model.safetensors.index.json").read_text())[
+        "weight_map"
+    ].values():
+        stale.update(load_file(folder / shard))
+    save_file({k: v + 1 for k, v in stale.items()}, folder / "model-00001-of-00002.safetensors")
     loaded = fms.models.get_model("granite_speech", "tiny", model_path=str(folder), source="hf")
     loaded.eval()  # BatchNorm: FMS returns models in training mode
     features = torch.randn(1, 16, 160)
