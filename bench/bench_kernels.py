@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from gsopt.kernels.conformer_attention import conformer_attention, conformer_attention_ref
 from gsopt.kernels.decode_attention import decode_attention, decode_attention_ref
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SDPA_BACKENDS = {

@@ -20,8 +20,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op, triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+from torch.library import wrap_triton
+
+from gsopt.kernels._op import kernel_op
 
 
 @triton.jit
@@ -196,15 +197,12 @@ def _conformer_attention_fake(
     return q.new_empty(q.shape)
 
 
-if isinstance(_conformer_attention_kernel, InterpretedFunction):
-    conformer_attention = custom_op(
-        "gsopt::conformer_attention", _conformer_attention, mutates_args=()
-    )
-    conformer_attention.register_fake(_conformer_attention_fake)
-else:
-    conformer_attention = triton_op(
-        "gsopt::conformer_attention", _conformer_attention, mutates_args=()
-    )
+conformer_attention = kernel_op(
+    "gsopt::conformer_attention",
+    _conformer_attention,
+    _conformer_attention_fake,
+    _conformer_attention_kernel,
+)
 
 
 def conformer_attention_ref(

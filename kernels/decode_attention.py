@@ -18,8 +18,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import custom_op, triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+from torch.library import wrap_triton
+
+from gsopt.kernels._op import kernel_op
 
 # Each split covers at least this many cache positions: shorter splits cost more in merge
 # traffic and launch than they win in parallelism.
@@ -250,11 +251,9 @@ def _decode_attention_fake(
     return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
 
 
-if isinstance(_decode_split_kernel, InterpretedFunction):
-    decode_attention = custom_op("gsopt::decode_attention", _decode_attention, mutates_args=())
-    decode_attention.register_fake(_decode_attention_fake)
-else:
-    decode_attention = triton_op("gsopt::decode_attention", _decode_attention, mutates_args=())
+decode_attention = kernel_op(
+    "gsopt::decode_attention", _decode_attention, _decode_attention_fake, _decode_split_kernel
+)
 
 
 def decode_attention_ref(

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from gsopt.kernels.conformer_attention import conformer_attention, conformer_attention_ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from gsopt.kernels.decode_attention import (
     decode_attention,
     decode_attention_ref,
