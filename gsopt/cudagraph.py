@@ -1,8 +1,9 @@
 """Manual CUDA-graph capture of the static-cache decode step.
 
 One graph per (batch, cache length, cache buffers): the step reads its token and position
-from static input buffers, writes the cache in place, and its output buffer is cloned on
-return, so the next replay cannot overwrite a token the caller still holds. The cache comes
+from static input buffers and writes the cache in place. Its output is the graph's static
+buffer, which the next replay overwrites: the decode loop (`generate`) copies each token it
+keeps, one copy per step that also covers torch.compile's reduce-overhead. The cache comes
 from `StaticKVCache.pooled`, so every generate call with the same shape sees the same
 addresses and replays the same graph.
 """
@@ -52,4 +53,4 @@ class CUDAGraphDecode:
         static_tokens.copy_(tokens)
         static_positions.copy_(positions)
         graph.replay()
-        return out.clone()
+        return out  # overwritten by the next replay: `generate` keeps a copy of each token

@@ -176,5 +176,7 @@ def generate(
                 else:
                     token = decode_step(model, token, positions, cache, decode_attention)
                     positions = positions + 1
+            # The one copy per step: a captured step (manual or reduce-overhead) returns a
+            # buffer that its next replay overwrites.
             generated.append(token.clone())
     return torch.cat(generated, 1)
