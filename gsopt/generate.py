@@ -16,7 +16,7 @@ import torch
 from fms.modules.attention import get_attention_type
 from fms.utils.generation import pad_input_ids
 
-from gsopt.kv_cache import ATTN_NAME, StaticKVCache, bucket
+from gsopt.kv_cache import ATTN_NAME, StaticKVCache, bucket, decode_kwargs
 from gsopt.timing import StageTimer, stage
 
 
@@ -73,9 +73,8 @@ def decode_one_token_static(
         cache,
         use_cache=True,
         attn_name=ATTN_NAME,
-        cache_positions=positions[:, None],
         prefill=False,
-        decode_attention=decode_attention,
+        **decode_kwargs(positions, cache[0][0].shape[2], decode_attention),
     )
     return logits_from_hidden(model, hidden).argmax(-1)
 

@@ -121,31 +121,31 @@ def _prefill(
     return out.transpose(1, 2)
 
 
-def _decode_sdpa(
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    lengths: torch.Tensor,
-    scale: float,
-    gqa: bool,
-) -> torch.Tensor:
-    valid = torch.arange(key_cache.shape[2], device=key_cache.device) < lengths[:, None]
+def decode_kwargs(positions: torch.Tensor, max_len: int, decode_attention: str) -> dict:
+    """What every layer's decode attention reads, built once per step rather than per layer:
+    each row's valid length (`position + 1`) and the matching mask over the cache."""
+    lengths = positions + 1
+    valid = torch.arange(max_len, device=positions.device) < lengths[:, None]
+    return {
+        "cache_positions": positions[:, None],
+        "decode_lengths": lengths,
+        "decode_mask": valid[:, None, None, :],
+        "decode_attention": decode_attention,
+    }
+
+
+def _decode_sdpa(query, key_cache, value_cache, lengths, mask, scale, gqa):
     return F.scaled_dot_product_attention(
-        query,
-        key_cache,
-        value_cache,
-        attn_mask=valid[:, None, None, :],
-        scale=scale,
-        enable_gqa=gqa,
+        query, key_cache, value_cache, attn_mask=mask, scale=scale, enable_gqa=gqa
     )
 
 
-def _decode_math(query, key_cache, value_cache, lengths, scale, gqa):
+def _decode_math(query, key_cache, value_cache, lengths, mask, scale, gqa):
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        return _decode_sdpa(query, key_cache, value_cache, lengths, scale, gqa)
+        return _decode_sdpa(query, key_cache, value_cache, lengths, mask, scale, gqa)
 
 
-def _decode_triton(query, key_cache, value_cache, lengths, scale, gqa):
+def _decode_triton(query, key_cache, value_cache, lengths, mask, scale, gqa):
     from gsopt.kernels.decode_attention import decode_attention
 
     return decode_attention(query, key_cache, value_cache, lengths, scale)
@@ -167,14 +167,22 @@ def _decode(
     p_dropout: float,
     scale: float,
     *,
-    cache_positions: torch.Tensor,
+    decode_lengths: torch.Tensor,
+    decode_mask: torch.Tensor,
     decode_attention: str = "sdpa",
     **_,
 ) -> torch.Tensor:
     """One query per row against that row's first `position + 1` cache slots."""
-    lengths = cache_positions[:, -1] + 1
     impl = _DECODE_IMPLS[decode_attention]
-    out = impl(query.transpose(1, 2), key_cache, value_cache, lengths, scale, nheads != kvheads)
+    out = impl(
+        query.transpose(1, 2),
+        key_cache,
+        value_cache,
+        decode_lengths,
+        decode_mask,
+        scale,
+        nheads != kvheads,
+    )
     return out.transpose(1, 2)
 
 
