@@ -122,16 +122,23 @@ def stage_rows(stages: Stages, eager: Run, optimised: Run) -> list[dict[str, Any
 
 def environment(device: torch.device) -> dict[str, str]:
     """What every recorded result names: device, versions, commit."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+
+    def git(*args: str) -> str:
+        try:
+            run = subprocess.run(
+                ["git", *args],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                check=False,
+            )
+            return run.stdout.strip()
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"  # the numbers came from code that no commit holds
     import fms
     import transformers
 
