@@ -139,14 +139,15 @@ for _variant, _config in VARIANTS.items():
 
 # --- the `hf` adapter: Hugging Face Granite Speech checkpoint -> gsopt/FMS names -------------
 
-_DECODER_PREFIX = re.compile(r"^(?:language_model\.model\.|model\.language_model\.)")
+_DECODER_PREFIX = re.compile(r"^(?:language_model\.model\.(?:model\.)?|model\.language_model\.)")
 _HEAD_PREFIX = re.compile(r"^(?:language_model\.)?lm_head\.")
 _AUDIO_PREFIX = re.compile(r"^(?:model\.)?(encoder|projector)\.")
 
 
 def _hf_to_gsopt_names(input_sd: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """Both layouts seen in the wild (transformers 4.x `language_model.model.*`, 5.x
-    `model.language_model.*`) -> `encoder.*`, `projector.*`, and granite's own hf names
+    """The layouts seen in the wild (transformers 4.x `language_model.model.*`, 5.x
+    `model.language_model.*`, and `language_model.model.model.*` as transformers 5.17's
+    save_pretrained writes it) -> `encoder.*`, `projector.*`, and granite's own hf names
     under `decoder.` for the next step. Adapter (LoRA) tensors are not weights: dropped."""
     new_sd = {}
     for name, tensor in input_sd.items():

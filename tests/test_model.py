@@ -150,6 +150,36 @@ def test_sharded_checkpoint_with_stale_shard(tmp_path):
         assert (model(ids, features) - expected).abs().max() <= 1e-4
 
 
+# Key layouts a Granite Speech checkpoint comes in: the hub's (transformers 4.x and 5.24's
+# save_pretrained), 5.x's module names, and transformers 5.17's save_pretrained.
+LAYOUTS = {
+    "hub": lambda k: k,
+    "module-names": lambda k: (
+        "lm_head." + k.removeprefix("language_model.lm_head.")
+        if k.startswith("language_model.lm_head.")
+        else "model." + k.replace("language_model.model.", "language_model.", 1)
+    ),
+    "transformers-5.17": lambda k: k.replace(
+        "language_model.model.", "language_model.model.model.", 1
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_key_layout_loads_the_same_weights(tmp_path, layout):
+    ref = reference_model(seed=6)
+    folder = save_checkpoint(ref, tmp_path)
+    weights = load_file(folder / "model.safetensors")
+    assert any(k.startswith("language_model.model.layers.") for k in weights)  # the hub's
+    save_file({LAYOUTS[layout](k): v for k, v in weights.items()}, folder / "model.safetensors")
+    model = gsopt.load_model(folder, lora="none")
+    ids = audio_prompt(20)[None]
+    features = torch.randn(1, 20, 160)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, input_features=features).logits / LOGITS_SCALING
+        assert (model(ids, features) - expected).abs().max() <= 1e-4
+
+
 def test_loader_errors_name_the_problem(tmp_path):
     ref = reference_model(seed=4)
     folder = save_checkpoint(ref, tmp_path / "sharded", max_shard_size="100KB")
