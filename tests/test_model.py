@@ -31,6 +31,15 @@ def audio_prompt(num_frames: int, prefix=(5, 6), suffix=(7, 8, 9)) -> torch.Tens
     return torch.tensor([*prefix, *[AUDIO_TOKEN_ID] * audio_tokens, *suffix])
 
 
+def assert_logits_match(model, ref, num_frames: int) -> None:
+    """One clip through both models: gsopt's logits equal transformers' (unscaled)."""
+    ids = audio_prompt(num_frames)[None]
+    features = torch.randn(1, num_frames, 160)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, input_features=features).logits / LOGITS_SCALING
+        assert (model(ids, features) - expected).abs().max() <= 1e-4
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     ref = reference_model()
@@ -142,12 +151,7 @@ def test_sharded_checkpoint_with_stale_shard(tmp_path):
     # A stale shard from an older revision: same keys, other values, not in the index.
     stale = {k: v + 1 for k, v in load_file(folder / shards[0]).items()}
     save_file(stale, folder / "model-00001-of-00009.safetensors")
-    model = gsopt.load_model(folder, lora="none")
-    ids = audio_prompt(30)[None]
-    features = torch.randn(1, 30, 160)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, input_features=features).logits / LOGITS_SCALING
-        assert (model(ids, features) - expected).abs().max() <= 1e-4
+    assert_logits_match(gsopt.load_model(folder, lora="none"), ref, 30)
 
 
 # Key layouts a Granite Speech checkpoint comes in: the hub's (transformers 4.x and 5.24's
@@ -176,12 +180,7 @@ def test_every_key_layout_loads_the_same_weights(tmp_path, layout):
     }
     assert any(k.startswith("language_model.model.layers.") for k in weights)
     save_file({LAYOUTS[layout](k): v for k, v in weights.items()}, folder / "model.safetensors")
-    model = gsopt.load_model(folder, lora="none")
-    ids = audio_prompt(20)[None]
-    features = torch.randn(1, 20, 160)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, input_features=features).logits / LOGITS_SCALING
-        assert (model(ids, features) - expected).abs().max() <= 1e-4
+    assert_logits_match(gsopt.load_model(folder, lora="none"), ref, 20)
 
 
 def test_loader_errors_name_the_problem(tmp_path):
@@ -228,10 +227,7 @@ def test_fms_get_model_tiny_and_hf_source(tmp_path):
     save_file({k: v + 1 for k, v in stale.items()}, folder / "model-00001-of-00002.safetensors")
     loaded = fms.models.get_model("granite_speech", "tiny", model_path=str(folder), source="hf")
     loaded.eval()  # BatchNorm: FMS returns models in training mode
-    features = torch.randn(1, 16, 160)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, input_features=features).logits / LOGITS_SCALING
-        assert (loaded(ids, features) - expected).abs().max() <= 1e-4
+    assert_logits_match(loaded, ref, 16)
 
 
 @pytest.mark.parametrize("variant,billions", [("3.3-2b", 3.0), ("3.3-8b", 8.6)])
