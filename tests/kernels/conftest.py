@@ -20,7 +20,8 @@ TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfl
 
 @functools.cache
 def interpreter_bf16_dot_ok() -> bool:
-    """Whether this Triton's interpreter multiplies bf16 values (3.9 multiplies their bits)."""
+    """Whether this Triton's interpreter multiplies bf16 values. 3.6 and 3.9 multiply their
+    bit patterns; upstream calls bf16 unsupported there (triton-lang/triton#11584)."""
     import triton
     import triton.language as tl
 
