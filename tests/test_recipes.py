@@ -152,8 +152,11 @@ def test_apply_cuda_without_cuda_is_one_line_error(capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["cudagraph-decoder", "reduce-overhead"])
-def test_cuda_graph_recipes_equal_eager_on_gpu(name):
+@pytest.mark.parametrize(
+    "name", ["cudagraph-decoder", "reduce-overhead", "triton-attention", "best"]
+)
+def test_gpu_recipes_equal_eager_on_gpu(name):
+    """CUDA graphs and the native (not interpreted) Triton kernels give eager's tokens."""
     model = tiny("cuda")
     expected = Pipeline(model, Stages.eager(model, "dynamic"))(waves(), TEMPLATE, 24)
     stages = apply(model, load_recipe(name))
