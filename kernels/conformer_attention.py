@@ -155,10 +155,10 @@ def _conformer_attention(
     """
     _check(q, k, v, rel_pos, valid_len)
     num_blocks, heads, context, dim = q.shape
-    # C (200 in the real encoder) need not be a power of two: tiles are padded and masked.
-    block = max(16, min(64, triton.next_power_of_2(context)))
+    launch = conformer_launch(heads, context, dim, q.dtype)
     out = torch.empty((num_blocks, heads, context, dim), device=q.device, dtype=q.dtype)
-    wrap_triton(_conformer_attention_kernel)[(triton.cdiv(context, block), num_blocks * heads)](
+    grid = (triton.cdiv(context, launch["BLOCK_M"]), num_blocks * heads)
+    wrap_triton(_conformer_attention_kernel)[grid](
         q,
         k,
         v,
@@ -171,19 +171,29 @@ def _conformer_attention(
         *v.stride(),
         *rel_pos.stride(),
         *out.stride(),
-        CONTEXT=context,
-        HEADS=heads,
-        BLOCK_M=block,
-        BLOCK_N=block,
-        BLOCK_W=2 * block,
-        HEAD_DIM=dim,
-        # fp32 inputs get fp32 products, not TF32, so fp32 stays a tight reference.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        # The [BM, 2 * BN] fp32 position product sits in registers beside s and acc.
-        # (A starting point, not tuned: no GPU has run this kernel yet.)
-        num_warps=8 if dim >= 128 else 4,
+        **launch,
     )
     return out
+
+
+def conformer_launch(heads: int, context: int, dim: int, dtype: torch.dtype) -> dict:
+    """Compile-time launch settings. The [BM, 2 * BN] fp32 position product sits in registers
+    beside the scores and the accumulator: at d = 128, 32 x 32 tiles with 4 warps compile for
+    Hopper without register spills, where 64 x 64 tiles spill with 4 or 8 warps
+    (`python -m gsopt.kernels.resources --sweep`). Not tuned by timing: no GPU has run it."""
+    # C (200 in the real encoder) need not be a power of two: tiles are padded and masked.
+    block = max(16, min(32, triton.next_power_of_2(context)))
+    return {
+        "CONTEXT": context,
+        "HEADS": heads,
+        "BLOCK_M": block,
+        "BLOCK_N": block,
+        "BLOCK_W": 2 * block,
+        "HEAD_DIM": dim,
+        # fp32 inputs get fp32 products, not TF32, so fp32 stays a tight reference.
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "num_warps": 4,
+    }
 
 
 def _conformer_attention_fake(

@@ -174,6 +174,41 @@ def _check(
         raise ValueError(f"head dim must be a power of two >= 16, got {dim}")
 
 
+def split_launch(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    max_len: int,
+    dim: int,
+    dtype: torch.dtype,
+    num_splits: int | None,
+    num_sms: int,
+) -> tuple[int, dict]:
+    """The split kernel's cache positions per split and its compile-time launch settings.
+
+    From shapes alone (never from lengths), so a captured graph stays valid as the cache
+    fills. 64-position tiles with 4 warps compile for Hopper without register spills
+    (`python -m gsopt.kernels.resources`); 128-position tiles spill.
+    """
+    block_n = max(16, min(64, triton.next_power_of_2(max_len)))
+    if num_splits is None:
+        num_splits = pick_num_splits(batch, kv_heads, max_len, num_sms)
+    # Round each split up to whole blocks, then drop splits that would start past Lmax.
+    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+    group = heads // kv_heads
+    return split_len, {
+        "KV_HEADS": kv_heads,
+        "NUM_SPLITS": triton.cdiv(max_len, split_len),
+        "GROUP": group,
+        "BLOCK_G": max(16, triton.next_power_of_2(group)),
+        "BLOCK_N": block_n,
+        "HEAD_DIM": dim,
+        # fp32 inputs get fp32 products, not TF32, so fp32 stays a tight reference.
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "num_warps": 4,
+    }
+
+
 def _decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -190,13 +225,10 @@ def _decode_attention(
     _check(q, k_cache, v_cache, lengths)
     batch, heads, _, dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
-    group = heads // kv_heads
-    block_n = max(16, min(64, triton.next_power_of_2(max_len)))
-    if num_splits is None:
-        num_splits = pick_num_splits(batch, kv_heads, max_len, _num_sms(q.device))
-    # Round each split up to whole blocks, then drop splits that would start past Lmax.
-    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_len, split_len)
+    split_len, launch = split_launch(
+        batch, heads, kv_heads, max_len, dim, q.dtype, num_splits, _num_sms(q.device)
+    )
+    num_splits = launch["NUM_SPLITS"]
 
     out_part = torch.empty((batch, heads, num_splits, dim), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((batch, heads, num_splits), device=q.device, dtype=torch.float32)
@@ -216,14 +248,7 @@ def _decode_attention(
         *v_cache.stride(),
         max_len,
         split_len,
-        KV_HEADS=kv_heads,
-        NUM_SPLITS=num_splits,
-        GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n,
-        HEAD_DIM=dim,
-        # fp32 inputs get fp32 products, not TF32, so fp32 stays a tight reference.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **launch,
     )
     wrap_triton(_decode_merge_kernel)[(batch * heads,)](
         out_part,
