@@ -273,7 +273,7 @@ def _decode_attention_fake(
     scale: float,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+    return q.new_empty(q.shape)
 
 
 decode_attention = kernel_op(

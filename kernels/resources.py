@@ -30,6 +30,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 DECODE = {"batch": 1, "heads": 32, "kv_heads": 8, "max_len": 1024, "dim": 128}
 CONFORMER = {"heads": 8, "context": 200, "dim": 128}
 BF16 = torch.bfloat16
+H100_SMS = 132  # the split count depends on how many programs fill the card
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,9 @@ def decode_resources(launch: dict, dtype: torch.dtype = BF16) -> Resources:
     from gsopt.kernels.decode_attention import _decode_split_kernel
 
     elem = _element(dtype)
-    types = {"Q": elem, "K": elem, "V": elem, "Lengths": "*i32", "OutPart": "*fp32"}
-    return compiled_resources(_decode_split_kernel, types | {"LsePart": "*fp32"}, launch)
+    types = {"Q": elem, "K": elem, "V": elem, "Lengths": "*i32"}
+    types |= {"OutPart": "*fp32", "LsePart": "*fp32"}  # the per-split partial results
+    return compiled_resources(_decode_split_kernel, types, launch)
 
 
 def conformer_resources(launch: dict, dtype: torch.dtype = BF16) -> Resources:
@@ -95,12 +97,12 @@ def _element(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
 
 
-def default_launches(num_sms: int = 132) -> dict[str, dict]:
-    """The settings the kernels pick at full size (an H100 has 132 SMs)."""
+def default_launches() -> dict[str, dict]:
+    """The settings the kernels pick at full size on an H100."""
     from gsopt.kernels.conformer_attention import conformer_launch
     from gsopt.kernels.decode_attention import split_launch
 
-    _, decode = split_launch(**DECODE, dtype=BF16, num_splits=None, num_sms=num_sms)
+    _, decode = split_launch(**DECODE, dtype=BF16, num_splits=None, num_sms=H100_SMS)
     return {"decode": decode, "conformer": conformer_launch(**CONFORMER, dtype=BF16)}
 
 
