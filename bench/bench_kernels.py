@@ -138,8 +138,9 @@ def measure(
     return rows
 
 
-def bench_decode(shapes: Shapes, dtype: torch.dtype, device: str, clock: Clock) -> list[dict]:
+def bench_decode(shapes: Shapes, dtype: torch.dtype, clock: Clock) -> list[dict]:
     """One query token against a full cache of each length."""
+    device = clock.device
     from gsopt.kernels.decode_attention import decode_attention, decode_attention_ref
 
     heads, kv_heads, dim = shapes.heads, shapes.kv_heads, shapes.head_dim
@@ -179,8 +180,9 @@ def bench_decode(shapes: Shapes, dtype: torch.dtype, device: str, clock: Clock) 
     return rows
 
 
-def bench_conformer(shapes: Shapes, dtype: torch.dtype, device: str, clock: Clock) -> list[dict]:
+def bench_conformer(shapes: Shapes, dtype: torch.dtype, clock: Clock) -> list[dict]:
     """One utterance's conformer blocks, the last one half full."""
+    device = clock.device
     from gsopt.kernels.conformer_attention import conformer_attention, conformer_attention_ref
 
     blocks, heads = shapes.blocks, shapes.block_heads
@@ -330,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "timing": clock.method,
         "copy GB/s": round(copy_gbps, 1),
     }
-    rows = bench_decode(shapes, dtype, device, clock)
-    rows += bench_conformer(shapes, dtype, device, clock)
+    rows = bench_decode(shapes, dtype, clock) + bench_conformer(shapes, dtype, clock)
     checks = targets(rows, copy_gbps, TOLERANCE[dtype])
     report = markdown(meta, rows, checks)
     print(report)
