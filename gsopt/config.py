@@ -1,9 +1,11 @@
 """Granite Speech configuration: FMS-style dataclasses, the published variants, config.json.
 
-The three parts mirror the model: a conformer encoder, a windowed Q-Former projector and a
-Granite decoder (FMS's own `GraniteConfig`). `from_hf_config` reads every field it needs
-from a checkpoint's config.json and refuses what it does not understand, so nothing about
-a real checkpoint is assumed.
+Two model shapes. `GraniteSpeechConfig` (model types `granite_speech` and
+`granite_speech_plus`) mirrors the speech LLM: a conformer encoder, a windowed Q-Former
+projector and a Granite decoder (FMS's own `GraniteConfig`). `GraniteSpeechCTCConfig`
+(`granite_speech5_ctc`, Granite Speech 5.0) is an encoder-only CTC model. `from_hf_config`
+reads every field it needs from a checkpoint's config.json and refuses what it does not
+understand, so nothing about a real checkpoint is assumed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,34 @@ class ConformerConfig(ModelConfig):
     max_pos_emb: int = 512
     conv_kernel_size: int = 15
     conv_expansion_factor: int = 2
+    # Granite Speech Plus: the outputs of these layers (0: the input projection, i: block i)
+    # are concatenated before the final output on the feature axis.
+    cat_hidden_layers: tuple[int, ...] = ()
+    # Rows of the optional BPE CTC head `out_llm` that granite-speech-4.1-2b ships beside its
+    # weights as out_llm.safetensors; 0: no such head. It is not in config.json: the loader
+    # sets it when the file is present.
+    bpe_output_dim: int = 0
+
+    def __post_init__(self) -> None:
+        check_cat_hidden_layers(self)
+
+    @property
+    def output_size(self) -> int:
+        """Features per encoder frame: hidden_dim for each exported layer and the final one."""
+        return self.hidden_dim * (len(self.cat_hidden_layers) + 1)
+
+
+def check_cat_hidden_layers(config: ConformerConfig) -> None:
+    """Exported layers must exist and be distinct (transformers would silently merge twins)."""
+    layers = list(config.cat_hidden_layers)
+    bad = [i for i in layers if not 0 <= i < config.num_layers] or sorted(
+        {i for i in layers if layers.count(i) > 1}
+    )
+    if bad:
+        raise GsoptError(
+            f"encoder cat_hidden_layers {layers} has {bad[0]}: expected distinct indices in "
+            f"0..{config.num_layers - 1} (num_layers {config.num_layers})"
+        )
 
 
 @dataclass
@@ -64,6 +94,15 @@ class GraniteSpeechConfig(ModelConfig):
     eos_token_id: int = 0
     lora_rank: int = 0
     lora_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        expected = self.encoder.output_size
+        if self.projector.encoder_hidden_size != expected:
+            raise GsoptError(
+                f"projector encoder_hidden_size is {self.projector.encoder_hidden_size}, "
+                f"expected {expected} (encoder hidden_dim {self.encoder.hidden_dim} x "
+                f"({len(self.encoder.cat_hidden_layers)} cat_hidden_layers + 1))"
+            )
 
     @property
     def lora_scale(self) -> float:
@@ -97,6 +136,22 @@ def _decoder(**fields: Any) -> GraniteConfig:
         **fields,
     )
 
+
+# The Granite 4 speech decoder (from granite-4.0-1b-base): 4.0-1b, 4.1-2b and 4.1-2b-plus.
+_GRANITE_4_DECODER: dict[str, Any] = dict(
+    src_vocab_size=100353,
+    emb_dim=2048,
+    nlayers=40,
+    nheads=16,
+    kvheads=4,
+    head_dim=128,
+    ffn=4096,
+    rope_theta=1e4,
+    attention_multiplier=0.0078125,
+    logits_scaling=8.0,
+    tie_heads=False,
+    pad_id=0,
+)
 
 VARIANTS: dict[str, GraniteSpeechConfig] = {
     "3.3-2b": GraniteSpeechConfig(
@@ -139,21 +194,33 @@ VARIANTS: dict[str, GraniteSpeechConfig] = {
     ),
     "4.0-1b": GraniteSpeechConfig(
         encoder=ConformerConfig(output_dim=348),
-        decoder=_decoder(
-            src_vocab_size=100353,
-            emb_dim=2048,
-            nlayers=40,
-            nheads=16,
-            kvheads=4,
-            head_dim=128,
-            ffn=4096,
-            rope_theta=1e4,
-            attention_multiplier=0.0078125,
-            logits_scaling=8.0,
-            tie_heads=False,
-            pad_id=0,
-        ),
+        decoder=_decoder(**_GRANITE_4_DECODER),
         audio_token_id=100352,
+    ),
+    # granite-speech-4.1-2b: the 4.0-1b topology (config.json facts from a public inspection
+    # of the Hub snapshot at revision de575db6: encoder 16 x 1024, 8 heads x 128, conv 15,
+    # context 200, output_dim 348; projector 2 layers, 16 heads, ffn 4096; text 40 layers,
+    # hidden 2048, ffn 4096, 16 heads, 4 kv heads, vocab 100353, multipliers 12 / 0.22 /
+    # 0.0078125 / 8; 2.31B parameters, untied head). rope_theta 1e4 and eos 100257
+    # (<|end_of_text|>) as in the public granite_speech_4_1_2b_plus recipe of KerasFormers.
+    # Its BPE CTC head (out_llm.safetensors, Linear 1024 -> 100353) is found by the loader.
+    "4.1-2b": GraniteSpeechConfig(
+        encoder=ConformerConfig(output_dim=348),
+        decoder=_decoder(**_GRANITE_4_DECODER),
+        audio_token_id=100352,
+        eos_token_id=100257,
+    ),
+    # granite-speech-4.1-2b-plus (model_type granite_speech_plus): 4.1-2b whose projector
+    # also reads block 3's output (cat_hidden_layers [3], so the projector's
+    # encoder_hidden_size is 2048) and has no audio LoRA, per two public ports that read its
+    # config.json (KerasFormers' granite_speech_4_1_2b_plus recipe; a Granite Speech port
+    # noting "the encoder layer-3 concat" as the only architectural delta).
+    "4.1-2b-plus": GraniteSpeechConfig(
+        encoder=ConformerConfig(output_dim=348, cat_hidden_layers=(3,)),
+        projector=QFormerConfig(encoder_hidden_size=2048),
+        decoder=_decoder(**_GRANITE_4_DECODER),
+        audio_token_id=100352,
+        eos_token_id=100257,
     ),
     # The CPU benchmark config: the published encoder width (4 of its 16 layers), the
     # published projector, and a 1024-wide 8-layer decoder with the real 49,160-token
@@ -246,10 +313,88 @@ VARIANTS: dict[str, GraniteSpeechConfig] = {
 }
 
 
-def get_variant(name: str) -> GraniteSpeechConfig:
-    if name not in VARIANTS:
-        raise GsoptError(f"unknown variant {name!r}: choose one of {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+@dataclass
+class GraniteSpeechCTCConfig(ModelConfig):
+    """Granite Speech 5.0: a conformer whose `subsample_layers` halve time, and a CTC head.
+
+    Features are 80 log-mels and their deltas with pairs of frames stacked, so the encoder
+    reads 4 * num_mel_bins values a frame. The CTC head shares the self-conditioning head's
+    weights (`encoder.out`) unless `tie_ctc_head` is off.
+    """
+
+    num_mel_bins: int = 80
+    num_layers: int = 16
+    hidden_dim: int = 1024
+    intermediate_size: int = 4096
+    num_heads: int = 8
+    dim_head: int = 128
+    context_size: int = 128
+    max_pos_emb: int = 512
+    conv_kernel_size: int = 7
+    conv_expansion_factor: int = 2
+    subsample_layers: tuple[int, ...] = (0, 1)
+    ffn_bias: bool = True
+    vocab_size: int = 16384
+    blank_id: int = 0
+    tie_ctc_head: bool = True
+
+    def __post_init__(self) -> None:
+        layers = list(self.subsample_layers)
+        bad = [i for i in layers if not 0 <= i < self.num_layers or layers.count(i) > 1]
+        if bad:
+            raise GsoptError(
+                f"encoder subsample_layers {layers} has {bad[0]}: expected distinct indices "
+                f"in 0..{self.num_layers - 1} (num_hidden_layers {self.num_layers})"
+            )
+        if self.conv_kernel_size % 2 == 0:
+            raise GsoptError(
+                f"encoder conv_kernel_size is {self.conv_kernel_size}, expected an odd size "
+                "(the stride-1 blocks keep their length only with 'same' padding)"
+            )
+
+    @property
+    def input_dim(self) -> int:
+        return 4 * self.num_mel_bins  # log-mels and deltas, two frames stacked
+
+    @property
+    def time_reduction(self) -> int:
+        return 2 ** len(self.subsample_layers)
+
+
+# Granite Speech 5.0 (encoder-only CTC). Separate from VARIANTS: gsopt.model registers those
+# as the speech LLM, gsopt.ctc registers these.
+CTC_VARIANTS: dict[str, GraniteSpeechCTCConfig] = {
+    # granite-speech-5.0-470m-turboctc: the defaults of transformers 5.24's
+    # GraniteSpeech5EncoderConfig / GraniteSpeech5CTCConfig, documented there as this
+    # checkpoint's, and matching a public port's reading of its config.json (16 x 1024,
+    # 8 heads x 128, ffn 4096 with bias, conv 7, context 128, max_pos 512, subsample_layers
+    # [0, 1], 16,384 BPE units with blank 0, CTC head tied to encoder.out; 473M parameters).
+    "5.0-470m": GraniteSpeechCTCConfig(),
+    # Unit tests: every structural feature at a tiny size, with a subsampling block after
+    # the self-conditioning one (mid-layer feedback after block 2 of 4).
+    "tiny-ctc": GraniteSpeechCTCConfig(
+        num_layers=4,
+        hidden_dim=32,
+        intermediate_size=64,
+        num_heads=2,
+        dim_head=16,
+        context_size=8,
+        max_pos_emb=16,
+        conv_kernel_size=7,
+        subsample_layers=(0, 2),
+        vocab_size=64,
+    ),
+}
+
+
+def get_variant(name: str) -> GraniteSpeechConfig | GraniteSpeechCTCConfig:
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name in CTC_VARIANTS:
+        return CTC_VARIANTS[name]
+    raise GsoptError(
+        f"unknown variant {name!r}: choose one of {', '.join([*VARIANTS, *CTC_VARIANTS])}"
+    )
 
 
 def _require(section: dict[str, Any], key: str, where: str) -> Any:
@@ -269,14 +414,26 @@ def _rope_theta(text: dict[str, Any]) -> float:
     return float(rope.get("rope_theta", text.get("rope_theta", 10_000.0)))
 
 
+SPEECH_LLM_MODEL_TYPES = ("granite_speech", "granite_speech_plus")
+CTC_MODEL_TYPE = "granite_speech5_ctc"
+MODEL_TYPES = (*SPEECH_LLM_MODEL_TYPES, CTC_MODEL_TYPE)
+
+
 def from_hf_config(
     hf: dict[str, Any], adapter: dict[str, Any] | None = None
-) -> GraniteSpeechConfig:
-    """Build the config from a checkpoint's config.json (and adapter_config.json, if any)."""
-    if hf.get("model_type") != "granite_speech":
+) -> GraniteSpeechConfig | GraniteSpeechCTCConfig:
+    """Build the config from a checkpoint's config.json (and adapter_config.json, if any):
+    a `GraniteSpeechCTCConfig` for Granite Speech 5.0, a `GraniteSpeechConfig` otherwise."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
         raise GsoptError(
-            f"config.json: model_type is {hf.get('model_type')!r}, expected 'granite_speech'"
+            f"config.json: model_type is {model_type!r}, expected one of "
+            f"{', '.join(repr(t) for t in MODEL_TYPES)}"
         )
+    if model_type == CTC_MODEL_TYPE:
+        if adapter is not None:
+            raise GsoptError("adapter_config.json: a Granite Speech 5.0 CTC model takes no adapter")
+        return _ctc_from_hf_config(hf)
     enc = _require(hf, "encoder_config", "the top level")
     proj = _require(hf, "projector_config", "the top level")
     text = _require(hf, "text_config", "the top level")
@@ -296,6 +453,10 @@ def from_hf_config(
         max_pos_emb=req(enc, "max_pos_emb", "encoder_config"),
         conv_kernel_size=req(enc, "conv_kernel_size", "encoder_config"),
         conv_expansion_factor=req(enc, "conv_expansion_factor", "encoder_config"),
+        # Only the Plus encoder exports layers; transformers' granite_speech one ignores this.
+        cat_hidden_layers=tuple(enc.get("cat_hidden_layers") or ())
+        if model_type == "granite_speech_plus"
+        else (),
     )
     if proj.get("hidden_act", "gelu") != "gelu":
         raise GsoptError(f"config.json: projector hidden_act {proj['hidden_act']!r} is not 'gelu'")
@@ -368,14 +529,62 @@ def from_hf_config(
     )
 
 
-def to_hf_config(config: GraniteSpeechConfig):
+def _ctc_from_hf_config(hf: dict[str, Any]) -> GraniteSpeechCTCConfig:
+    enc = _require(hf, "encoder_config", "the top level")
+    where = "encoder_config"
+    vocab_size = _require(hf, "vocab_size", "the top level")
+    if _require(enc, "vocab_size", where) != vocab_size:
+        raise GsoptError(
+            f"config.json: encoder_config.vocab_size is {enc['vocab_size']}, expected "
+            f"{vocab_size} (the top-level vocab_size)"
+        )
+    hidden_dim = _require(enc, "hidden_size", where)
+    num_heads = _require(enc, "num_attention_heads", where)
+    kv_heads = enc.get("num_key_value_heads") or num_heads
+    if kv_heads != num_heads:
+        raise GsoptError(
+            f"config.json: encoder_config.num_key_value_heads is {kv_heads}, expected "
+            f"{num_heads} (num_attention_heads: q, k and v all have that many heads)"
+        )
+    if enc.get("hidden_act", "silu") != "silu":
+        raise GsoptError(
+            f"config.json: encoder_config.hidden_act is {enc['hidden_act']!r}, expected 'silu'"
+        )
+    subsample = enc.get("subsample_layers")
+    blank = hf.get("pad_token_id")
+    return GraniteSpeechCTCConfig(
+        num_mel_bins=_require(enc, "num_mel_bins", where),
+        num_layers=_require(enc, "num_hidden_layers", where),
+        hidden_dim=hidden_dim,
+        intermediate_size=_require(enc, "intermediate_size", where),
+        num_heads=num_heads,
+        dim_head=enc.get("head_dim") or hidden_dim // num_heads,
+        context_size=_require(enc, "context_size", where),
+        max_pos_emb=_require(enc, "max_position_embeddings", where),
+        conv_kernel_size=_require(enc, "conv_kernel_size", where),
+        conv_expansion_factor=_require(enc, "conv_expansion_factor", where),
+        # transformers' default when the field is null
+        subsample_layers=tuple(subsample) if subsample is not None else (0, 1),
+        ffn_bias=bool(enc.get("attention_bias", True)),
+        vocab_size=vocab_size,
+        blank_id=blank if blank is not None else 0,
+        tie_ctc_head=bool(hf.get("tie_word_embeddings", True)),
+    )
+
+
+def to_hf_config(config: GraniteSpeechConfig | GraniteSpeechCTCConfig):
     """The transformers config of the same architecture (no LoRA adapter): the inverse of
     `from_hf_config`, for building reference models with identical shapes."""
-    from transformers import GraniteSpeechConfig as HFConfig
+    if isinstance(config, GraniteSpeechCTCConfig):
+        return _ctc_to_hf_config(config)
+    from transformers import GraniteSpeechConfig, GraniteSpeechPlusConfig
 
     e, p, d = config.encoder, config.projector, config.decoder
+    plus = dict(cat_hidden_layers=list(e.cat_hidden_layers)) if e.cat_hidden_layers else {}
+    HFConfig = GraniteSpeechPlusConfig if plus else GraniteSpeechConfig
     return HFConfig(
         encoder_config=dict(
+            **plus,
             input_dim=e.input_dim,
             num_layers=e.num_layers,
             hidden_dim=e.hidden_dim,
@@ -429,6 +638,33 @@ def to_hf_config(config: GraniteSpeechConfig):
         tie_word_embeddings=d.tie_heads,
         window_size=p.window_size,
         downsample_rate=p.downsample_rate,
+    )
+
+
+def _ctc_to_hf_config(config: GraniteSpeechCTCConfig):
+    from transformers import GraniteSpeech5CTCConfig
+
+    return GraniteSpeech5CTCConfig(
+        vocab_size=config.vocab_size,
+        pad_token_id=config.blank_id,
+        tie_word_embeddings=config.tie_ctc_head,
+        encoder_config=dict(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_dim,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            num_mel_bins=config.num_mel_bins,
+            head_dim=config.dim_head,
+            hidden_act="silu",
+            max_position_embeddings=config.max_pos_emb,
+            context_size=config.context_size,
+            conv_kernel_size=config.conv_kernel_size,
+            conv_expansion_factor=config.conv_expansion_factor,
+            subsample_layers=list(config.subsample_layers),
+            attention_bias=config.ffn_bias,
+        ),
     )
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gsopt.config import ConformerConfig
+from gsopt.config import ConformerConfig, check_cat_hidden_layers
 from gsopt.errors import GsoptError
 
 # fn(q, k, v, rel_pos, valid_len, scale) -> out. q, k, v: [N, H, C, d] (N = batch x blocks);
@@ -105,48 +105,65 @@ class ConformerFeedForward(nn.Module):
         return self.down_proj(F.silu(self.up_proj(self.pre_norm(x))))
 
 
-class ConformerAttention(nn.Module):
-    """Attention within blocks of `context_size` frames, with Shaw relative positions."""
+class ShawBlockAttention(nn.Module):
+    """What every Granite Speech encoder attention shares: blocks of `context_size` frames,
+    Shaw relative positions (`rel_pos_emb`) and a pluggable `block_attention` function.
+    Subclasses own the projections and call `pad_to_blocks` and `attend`."""
 
-    def __init__(self, config: ConformerConfig):
+    def __init__(self, num_heads: int, dim_head: int, context_size: int, max_pos_emb: int):
         super().__init__()
-        if not 0 < config.context_size <= config.max_pos_emb:
+        if not 0 < context_size <= max_pos_emb:
             raise GsoptError(
-                f"encoder context_size {config.context_size} must be in 1..max_pos_emb "
-                f"({config.max_pos_emb})"
+                f"encoder context_size {context_size} must be in 1..max_pos_emb ({max_pos_emb})"
             )
-        inner = config.num_heads * config.dim_head
-        self.context_size = config.context_size
-        self.max_pos_emb = config.max_pos_emb
-        self.num_heads = config.num_heads
-        self.dim_head = config.dim_head
-        self.scale = config.dim_head**-0.5
-        self.pre_norm = nn.LayerNorm(config.hidden_dim)
-        self.to_q = nn.Linear(config.hidden_dim, inner, bias=False)
-        self.to_kv = nn.Linear(config.hidden_dim, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, config.hidden_dim)
-        self.rel_pos_emb = nn.Embedding(2 * config.max_pos_emb + 1, config.dim_head)
+        self.context_size = context_size
+        self.max_pos_emb = max_pos_emb
+        self.num_heads = num_heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5
+        self.rel_pos_emb = nn.Embedding(2 * max_pos_emb + 1, dim_head)
         self.block_attention: BlockAttentionFn = sdpa_block_attention
 
-    def forward(self, x: Tensor, valid_len: Tensor) -> Tensor:
-        """x [B, T, D]; valid_len int32 [B * ceil(T / C)] from `block_valid_lengths`."""
+    def pad_to_blocks(self, h: Tensor) -> Tensor:
+        """[B, T, D] -> [B, ceil(T / C) * C, D], zeros at the end."""
+        frames = h.shape[1]
+        return F.pad(h, (0, 0, 0, -(-frames // self.context_size) * self.context_size - frames))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor) -> Tensor:
+        """q, k, v [B, T, H * d] with T a multiple of C -> [B, T, H * d], each block alone.
+
+        valid_len: int32 [B * T / C] from `block_valid_lengths`.
+        """
         ctx = self.context_size
-        h = self.pre_norm(x)
-        batch, frames, _ = h.shape
-        num_blocks = -(-frames // ctx)
-        h = F.pad(h, (0, 0, 0, num_blocks * ctx - frames))
-        q = self.to_q(h)
-        k, v = self.to_kv(h).chunk(2, dim=-1)
+        batch, frames, _ = q.shape
         q, k, v = (
-            t.reshape(batch * num_blocks, ctx, self.num_heads, self.dim_head).transpose(1, 2)
+            t.reshape(batch * (frames // ctx), ctx, self.num_heads, self.dim_head).transpose(1, 2)
             for t in (q, k, v)
         )
         centre = self.max_pos_emb
         rel_pos = self.rel_pos_emb.weight[centre - ctx : centre + ctx + 1]
         out = self.block_attention(q, k, v, rel_pos, valid_len, self.scale)
-        out = out.transpose(1, 2).reshape(batch, num_blocks * ctx, -1)
+        return out.transpose(1, 2).reshape(batch, frames, -1)
+
+
+class ConformerAttention(ShawBlockAttention):
+    """Pre-norm block attention of the Granite Speech 3.x/4.x encoder (fused k/v)."""
+
+    def __init__(self, config: ConformerConfig):
+        super().__init__(config.num_heads, config.dim_head, config.context_size, config.max_pos_emb)
+        inner = config.num_heads * config.dim_head
+        self.pre_norm = nn.LayerNorm(config.hidden_dim)
+        self.to_q = nn.Linear(config.hidden_dim, inner, bias=False)
+        self.to_kv = nn.Linear(config.hidden_dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, config.hidden_dim)
+
+    def forward(self, x: Tensor, valid_len: Tensor) -> Tensor:
+        """x [B, T, D]; valid_len int32 [B * ceil(T / C)] from `block_valid_lengths`."""
+        h = self.pad_to_blocks(self.pre_norm(x))
+        k, v = self.to_kv(h).chunk(2, dim=-1)
+        out = self.attend(self.to_q(h), k, v, valid_len)
         # Crop after the projection: a cropped input would make compile guard on T % C.
-        return self.to_out(out)[:, :frames]
+        return self.to_out(out)[:, : x.shape[1]]
 
 
 class DepthWiseConv1d(nn.Module):
@@ -196,41 +213,74 @@ class ConformerBlock(nn.Module):
         return self.post_norm(x)
 
 
-class ConformerEncoder(nn.Module):
-    """features [B, T, input_dim] -> [B, T, hidden_dim], 50 frames a second in and out.
+def check_frame_mask(features: Tensor, frame_mask: Tensor | None) -> Tensor | None:
+    """The mask as bool, or a one-line GsoptError when it does not cover the encoder frames.
 
-    With a frame mask the outputs at padded frames are finite but meaningless: zero them
-    before the projector (which sees whole windows) to get the same result as a clip alone.
-    Compiled with dynamic shapes, one graph serves every T > C off a multiple of C; T <= C
-    and T % C == 0 specialise (size-1 and contiguity guards), so at most three graphs.
+    transformers' processor makes `input_features_mask` over projector outputs (audio
+    tokens); gsopt's marks encoder input frames, so that mask cannot be passed on as is.
+    """
+    if frame_mask is None:
+        return None
+    if frame_mask.shape != features.shape[:2]:
+        raise GsoptError(
+            f"input_features_mask has shape {tuple(frame_mask.shape)}, expected "
+            f"{tuple(features.shape[:2])} (batch x encoder frames, one per feature row; "
+            "transformers' processor mask marks audio tokens instead: build the mask with "
+            "gsopt.encoder.encoder_frame_mask(feature_lengths, frames))"
+        )
+    return frame_mask.bool()
+
+
+class ConformerEncoder(nn.Module):
+    """features [B, T, input_dim] -> [B, T, config.output_size], 50 frames a second.
+
+    The output is the last block's (hidden_dim wide), preceded on the feature axis by the
+    outputs of `cat_hidden_layers` (Granite Speech Plus). With a frame mask the outputs at
+    padded frames are finite but meaningless: zero them before the projector (which sees
+    whole windows) to get the same result as a clip alone. Compiled with dynamic shapes, one
+    graph serves every T > C off a multiple of C; T <= C and T % C == 0 specialise (size-1
+    and contiguity guards), so at most three graphs.
     """
 
     def __init__(self, config: ConformerConfig):
         super().__init__()
+        check_cat_hidden_layers(config)
         self.config = config
         self.input_linear = nn.Linear(config.input_dim, config.hidden_dim)
         self.layers = nn.ModuleList([ConformerBlock(config) for _ in range(config.num_layers)])
         # CTC head: only its feedback after the middle block is used.
         self.out = nn.Linear(config.hidden_dim, config.output_dim)
         self.out_mid = nn.Linear(config.output_dim, config.hidden_dim)
+        # granite-speech-4.1's BPE CTC head over the final hidden states (CTC drafts): label
+        # 0 is the blank, label i > 0 is text token i - 1. The forward does not use it.
+        self.out_llm = (
+            nn.Linear(config.hidden_dim, config.bpe_output_dim) if config.bpe_output_dim else None
+        )
 
     def forward(self, features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
         """frame_mask: [B, T] bool, a prefix of True per clip (see `encoder_frame_mask`)."""
+        frame_mask = check_frame_mask(features, frame_mask)
         block_mask = frame_mask
         if block_mask is None:
             block_mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
         valid_len = block_valid_lengths(block_mask, self.config.context_size)
         x = self.input_linear(features)
+        exported = [x] if 0 in self.config.cat_hidden_layers else []
         mid = len(self.layers) // 2
         for idx, layer in enumerate(self.layers, start=1):
             x = layer(x, valid_len, frame_mask)
             if idx == mid:
                 x = x + self.out_mid(self.out(x).softmax(dim=-1))
-        return x
+            # After the feedback: transformers exports the middle block's output and then
+            # adds the feedback to that same tensor in place, so its export includes it.
+            if idx in self.config.cat_hidden_layers:
+                exported.append(x)
+        return torch.cat([*exported, x], dim=-1) if exported else x
 
 
 def set_block_attention(encoder: nn.Module, impl: str | BlockAttentionFn) -> None:
-    """Use `impl` (a name in `BLOCK_ATTENTION` or a function) in every conformer attention."""
+    """Use `impl` (a name in `BLOCK_ATTENTION` or a function) in every block attention of
+    `encoder` (3.x/4.x conformers and the 5.0 CTC model alike)."""
     if isinstance(impl, str):
         if impl not in BLOCK_ATTENTION:
             raise GsoptError(
@@ -238,5 +288,5 @@ def set_block_attention(encoder: nn.Module, impl: str | BlockAttentionFn) -> Non
             )
         impl = BLOCK_ATTENTION[impl]
     for module in encoder.modules():
-        if isinstance(module, ConformerAttention):
+        if isinstance(module, ShawBlockAttention):
             module.block_attention = impl
