@@ -1,12 +1,16 @@
 """Load Granite Speech: a named variant with random weights, or a local Hugging Face snapshot.
 
-Real snapshots hold stale extra shards beside the current ones, so the shard set comes from
-`model.safetensors.index.json` (never a glob). Every key and shape is checked before any
-weight is copied, and each problem is reported as one `GsoptError` naming keys or files.
+Three model types: `granite_speech` and `granite_speech_plus` load as `GraniteSpeech`,
+`granite_speech5_ctc` (5.0) as `GraniteSpeechCTC`. Real snapshots hold stale extra shards
+beside the current ones, so the shard set comes from `model.safetensors.index.json` (never a
+glob), and files beside the weights that are not weights (granite-speech-4.1's BPE CTC head
+`out_llm.safetensors`) are read on their own terms. Every key and shape is checked before
+any weight is copied, and each problem is reported as one `GsoptError` naming keys or files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -19,7 +23,17 @@ from fms.utils import serialization
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from gsopt.config import VARIANTS, GraniteSpeechConfig, from_hf_config, read_json
+from gsopt import ctc
+from gsopt.config import (
+    CTC_VARIANTS,
+    MODEL_TYPES,
+    VARIANTS,
+    GraniteSpeechConfig,
+    GraniteSpeechCTCConfig,
+    from_hf_config,
+    read_json,
+)
+from gsopt.ctc import FP32BatchNorm1d, GraniteSpeechCTC
 from gsopt.errors import GsoptError
 from gsopt.lora import LORA_MODES, LoraMode, attach_audio_lora, parse_peft_adapter, random_adapter
 from gsopt.model import ARCHITECTURE, GraniteSpeech
@@ -27,6 +41,8 @@ from gsopt.model import ARCHITECTURE, GraniteSpeech
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OUT_LLM_FILE = "out_llm.safetensors"  # granite-speech-4.1's BPE CTC head: weight, bias
+OUT_LLM_PREFIX = "encoder.out_llm."
 _SHOWN_KEYS = 5
 _CPU = torch.device("cpu")
 
@@ -61,17 +77,21 @@ def weight_files(folder: Path) -> dict[Path, set[str] | None]:
 
 
 def _is_granite_speech(folder: Path) -> bool:
+    """A folder of any Granite Speech model type (3.x to 5.0)."""
     try:
-        return json.loads((folder / "config.json").read_text()).get("model_type") == ARCHITECTURE
+        return json.loads((folder / "config.json").read_text()).get("model_type") in MODEL_TYPES
     except (OSError, json.JSONDecodeError):
         return False
 
 
 def _index_aware(load_state_dict):
-    """FMS's `get_model(..., model_path=DIR, source="hf")` reads every `*.safetensors` in DIR,
-    and a real Granite Speech snapshot holds stale shards beside the current ones (a stale
-    key can win). For Granite Speech folders with an index, read the indexed shards only;
-    every other call goes to FMS unchanged."""
+    """FMS's `get_model(..., model_path=DIR, source="hf")` reads every `*.safetensors` in DIR:
+    a real Granite Speech snapshot holds stale shards beside the current ones (a stale key
+    can win), and granite-speech-4.1's `out_llm.safetensors` names its tensors `weight` and
+    `bias`. For Granite Speech folders, read the indexed shards (or model.safetensors) and
+    the BPE CTC head under its module's name (checked against config.json); every other call
+    goes to FMS unchanged. A model built without the head (a variant other than 4.1-2b, or
+    `encoder={"bpe_output_dim": 0}`) leaves the head's tensors unused, as FMS warns."""
 
     @functools.wraps(load_state_dict)
     def load(model_path, *, source=None, initial_device=_CPU, **kwargs):
@@ -81,15 +101,17 @@ def _index_aware(load_state_dict):
             and initial_device.type != "meta"
             and not kwargs.get("checkpoint_sharding")
             and folder is not None
-            and (folder / INDEX_FILE).exists()
+            and folder.is_dir()
             and _is_granite_speech(folder)
         ):
-            return ChainMap(
-                *[
-                    serialization._load_safetensors_state_dict(shard, initial_device)
-                    for shard in weight_files(folder)
-                ]
-            )
+            shards = [
+                serialization._load_safetensors_state_dict(shard, initial_device)
+                for shard in weight_files(folder)
+            ]
+            config = load_config(folder)  # checks the head's shapes, if there is one
+            if isinstance(config, GraniteSpeechConfig) and config.encoder.bpe_output_dim:
+                shards.append(_read_out_llm(folder, initial_device))
+            return ChainMap(*shards)
         return load_state_dict(model_path, source=source, initial_device=initial_device, **kwargs)
 
     return load
@@ -128,9 +150,12 @@ def _read_tensors(files: dict[Path, set[str] | None]) -> dict[str, torch.Tensor]
     return state_dict
 
 
-def _check_state_dict(model: GraniteSpeech, state_dict: dict[str, torch.Tensor]) -> None:
+def _check_state_dict(
+    model: GraniteSpeech | GraniteSpeechCTC, state_dict: dict[str, torch.Tensor]
+) -> None:
     expected = model.state_dict()
-    optional = {"decoder.head.weight"} if model.config.decoder.tie_heads else set()
+    tied = isinstance(model, GraniteSpeech) and model.config.decoder.tie_heads
+    optional = {"decoder.head.weight"} if tied else set()
     missing = expected.keys() - state_dict.keys() - optional
     unexpected = state_dict.keys() - expected.keys()
     if missing:
@@ -166,33 +191,93 @@ def checkpoint_folder(source: str | Path) -> Path:
     folder = Path(source)
     if not folder.is_dir():
         raise GsoptError(
-            f"{source}: neither a variant ({', '.join(VARIANTS)}) nor a checkpoint folder"
+            f"{source}: neither a variant ({', '.join([*VARIANTS, *CTC_VARIANTS])}) nor a "
+            "checkpoint folder"
         )
     return folder
 
 
-def load_config(source: str | Path) -> GraniteSpeechConfig:
+def _out_llm_rows(folder: Path, config: GraniteSpeechConfig) -> int:
+    """Rows of the BPE CTC head in `out_llm.safetensors`, after checking its shapes against
+    config.json (header only: no tensor is read)."""
+    path = folder / OUT_LLM_FILE
+    vocab, hidden = config.decoder.src_vocab_size, config.encoder.hidden_dim
+    expected = {"weight": (vocab, hidden), "bias": (vocab,)}
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except SafetensorError as e:
+        raise GsoptError(f"{path}: not a readable safetensors file ({e})") from None
+    if shapes.keys() != expected.keys():
+        raise GsoptError(
+            f"{path.name}: holds {_listing(list(shapes))}, expected exactly weight and bias"
+        )
+    for key, shape in expected.items():
+        if shapes[key] != shape:
+            raise GsoptError(
+                f"{path.name}: {key} has shape {shapes[key]}, expected {shape} "
+                f"(text_config.vocab_size {vocab} x encoder_config.hidden_dim {hidden})"
+            )
+    return vocab
+
+
+def _read_out_llm(folder: Path, device: torch.device = _CPU) -> dict[str, torch.Tensor]:
+    """The BPE CTC head's tensors under the encoder's `out_llm` module names."""
+    with safe_open(folder / OUT_LLM_FILE, framework="pt", device=str(device)) as f:
+        return {OUT_LLM_PREFIX + key: f.get_tensor(key) for key in f.keys()}
+
+
+def load_config(source: str | Path) -> GraniteSpeechConfig | GraniteSpeechCTCConfig:
     """The config alone, no weights read (so inputs can be checked before a long load): a
-    variant's, or the folder's config.json with its adapter_config.json if any."""
+    variant's, or the folder's config.json with its adapter_config.json if any; with
+    out_llm.safetensors beside the weights, the encoder gets its BPE CTC head."""
     if str(source) in VARIANTS:
         return VARIANTS[str(source)]
+    if str(source) in CTC_VARIANTS:
+        return CTC_VARIANTS[str(source)]
     folder = checkpoint_folder(source)
     adapter_file = folder / ADAPTER_CONFIG
     adapter_config = read_json(adapter_file) if adapter_file.exists() else None
-    return from_hf_config(read_json(folder / "config.json"), adapter_config)
+    config = from_hf_config(read_json(folder / "config.json"), adapter_config)
+    if isinstance(config, GraniteSpeechConfig) and (folder / OUT_LLM_FILE).exists():
+        encoder = dataclasses.replace(config.encoder, bpe_output_dim=_out_llm_rows(folder, config))
+        config = dataclasses.replace(config, encoder=encoder)
+    return config
 
 
-def load_checkpoint(folder: Path, dtype: torch.dtype, lora: LoraMode) -> GraniteSpeech:
-    config = load_config(folder)
-    adapter = _adapter(folder)
-    with torch.device("meta"):
-        model = GraniteSpeech(config)
-    state_dict = serialization.get_adapted(
-        ARCHITECTURE, "hf", _read_tensors(weight_files(folder)), {"model_config": config}
+def _cast(
+    model: GraniteSpeech | GraniteSpeechCTC, state_dict: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Floating tensors to `dtype`, except those of modules that compute in float32."""
+    fp32 = tuple(
+        f"{name}." for name, module in model.named_modules() if isinstance(module, FP32BatchNorm1d)
     )
+    return {
+        key: tensor.to(torch.float32 if key.startswith(fp32) else dtype)
+        if tensor.is_floating_point()
+        else tensor
+        for key, tensor in state_dict.items()
+    }
+
+
+def load_checkpoint(
+    folder: Path, dtype: torch.dtype, lora: LoraMode
+) -> GraniteSpeech | GraniteSpeechCTC:
+    config = load_config(folder)
+    tensors = _read_tensors(weight_files(folder))
+    if isinstance(config, GraniteSpeechCTCConfig):
+        with torch.device("meta"):
+            model: GraniteSpeech | GraniteSpeechCTC = GraniteSpeechCTC(config)
+        architecture, adapter = ctc.ARCHITECTURE, None
+    else:
+        with torch.device("meta"):
+            model = GraniteSpeech(config)
+        architecture, adapter = ARCHITECTURE, _adapter(folder)
+        if config.encoder.bpe_output_dim:
+            tensors.update(_read_out_llm(folder))
+    state_dict = serialization.get_adapted(architecture, "hf", tensors, {"model_config": config})
     _check_state_dict(model, state_dict)
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.load_state_dict(_cast(model, state_dict, dtype), strict=False, assign=True)
     model.post_init()
     if adapter is not None:
         attach_audio_lora(model, adapter, lora)
@@ -206,13 +291,20 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     lora: LoraMode = "live",
     seed: int = 0,
-) -> GraniteSpeech:
+) -> GraniteSpeech | GraniteSpeechCTC:
     """A variant name (random weights, random adapter of the published rank) or a checkpoint
     folder (config.json, safetensors shards, optional adapter_config.json +
-    adapter_model.safetensors). `lora` is `live`, `merged` or `none`."""
+    adapter_model.safetensors, optional out_llm.safetensors). `lora` is `live`, `merged` or
+    `none`. Granite Speech 5.0 (a `granite_speech5_ctc` folder or a CTC variant) gives a
+    `GraniteSpeechCTC`, which has no LoRA; everything else a `GraniteSpeech`."""
     if lora not in LORA_MODES:
         raise GsoptError(f"unknown lora mode {lora!r}: choose one of {', '.join(LORA_MODES)}")
-    if str(source) in VARIANTS:
+    if str(source) in CTC_VARIANTS:
+        torch.manual_seed(seed)
+        model = models.get_model(
+            ctc.ARCHITECTURE, str(source), device_type=torch.device(device).type, data_type=dtype
+        )
+    elif str(source) in VARIANTS:
         torch.manual_seed(seed)
         # Random init where the model will run: an 8B init on a GPU takes seconds.
         model = models.get_model(

@@ -214,19 +214,20 @@ class ConformerBlock(nn.Module):
 
 
 def check_frame_mask(features: Tensor, frame_mask: Tensor | None) -> Tensor | None:
-    """The mask as bool, or a one-line GsoptError when it does not cover the encoder frames.
+    """The mask as bool, or a one-line GsoptError when it does not mark the feature rows.
 
-    transformers' processor makes `input_features_mask` over projector outputs (audio
-    tokens); gsopt's marks encoder input frames, so that mask cannot be passed on as is.
+    transformers' Granite Speech processor makes `input_features_mask` over projector outputs
+    (audio tokens); gsopt's marks the rows of `input_features`, so that mask cannot be
+    passed on as it is.
     """
     if frame_mask is None:
         return None
     if frame_mask.shape != features.shape[:2]:
         raise GsoptError(
             f"input_features_mask has shape {tuple(frame_mask.shape)}, expected "
-            f"{tuple(features.shape[:2])} (batch x encoder frames, one per feature row; "
-            "transformers' processor mask marks audio tokens instead: build the mask with "
-            "gsopt.encoder.encoder_frame_mask(feature_lengths, frames))"
+            f"{tuple(features.shape[:2])} (batch x feature frames, one per row of "
+            "input_features, not one per audio token): build it with "
+            "gsopt.encoder.encoder_frame_mask(feature_lengths, frames)"
         )
     return frame_mask.bool()
 
