@@ -10,9 +10,9 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from tabulate import tabulate
 from gsopt.audio import load_audio, sample_audio
 from gsopt.checkpoint import load_model
 from gsopt.errors import GsoptError
+from gsopt.measure import Call, interleave, pipeline_runner, ratio_spread
 from gsopt.pipeline import STAGES, Pipeline, Stages
-from gsopt.recipe import Recipe, apply, changes_model, load_recipe
+from gsopt.recipe import CompiledStage, Recipe, apply, changes_model, load_recipe
 from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
-from gsopt.timing import StageTimer
 from gsopt.tokenizer import TOKENIZER_FILES, load_tokenizer, prompt_ids, synthetic_tokenizer
 
 
@@ -44,46 +44,73 @@ def prompt_template(config, source: str | Path | None = None) -> list[int]:
     return prompt_ids(tokenizer, config.audio_token_id)
 
 
-@dataclass
-class Run:
-    """Timings of one pipeline over repeated calls (the first call is kept apart: compile)."""
+def stage_rows(
+    stages: Stages, eager: list[Call], optimised: list[Call], recipe_compiles: bool
+) -> list[dict[str, Any]]:
+    """Per stage: median ms (decode: per token), and for a stage the recipe changed, its
+    speed-up with the spread of the per-round ratios. An unchanged stage has no speed-up:
+    any difference there is noise."""
+    rows = []
+    for stage in STAGES:
+        fn = getattr(stages, stage)
+        compiled = getattr(fn, "step", fn)  # a captured step wraps a compiled one
+        if stage == "decode":  # per token, per round: the median step of each call
+            base = [statistics.median(c.stages["decode"]) for c in eager[1:]]
+            mine = [statistics.median(c.stages["decode"]) for c in optimised[1:]]
+        else:
+            base = [c.stage_s(stage) for c in eager[1:]]
+            mine = [c.stage_s(stage) for c in optimised[1:]]
+        changed = stage in stages.changed
+        spread = ratio_spread(base, mine) if changed else None
+        first = optimised[0].stage_s(stage)
+        steady = statistics.median(c.stage_s(stage) for c in optimised[1:])
+        compiles = isinstance(compiled, CompiledStage)
+        rows.append(
+            {
+                "stage": stage,
+                "backend": stages.labels.get(stage, "eager"),
+                "changed": changed,
+                "eager_ms": 1e3 * statistics.median(base),
+                "recipe_ms": 1e3 * statistics.median(mine),
+                "speedup": spread["median"] if spread else None,
+                "speedup_p10": spread["p10"] if spread else None,
+                "speedup_p90": spread["p90"] if spread else None,
+                "within_noise": spread["within_noise"] if spread else None,
+                # The first call's excess over a steady call, for stages that compile.
+                "compile_s": max(0.0, first - steady) if compiles and recipe_compiles else 0.0,
+                "graphs": getattr(compiled, "graphs", 0),
+                "graph_breaks": getattr(compiled, "graph_breaks", 0),
+                "recompiles": getattr(compiled, "recompiles", 0),
+                "cudagraph_captures": getattr(fn, "captures", 0),
+                "cudagraph_skips": getattr(compiled, "cudagraph_skips", 0),
+            }
+        )
+    return rows
 
-    tokens: torch.Tensor
-    first: dict[str, float]
-    steady: dict[str, float]
-    decode_ms_per_token: float
-    total_ms: float
 
+def end_to_end(stages: Stages, eager: list[Call], optimised: list[Call]) -> dict[str, Any]:
+    """The whole call's speed-up with its spread, and how many of the milliseconds saved
+    were saved in the stages the recipe changed."""
+    base, mine = [c.total for c in eager[1:]], [c.total for c in optimised[1:]]
+    spread = ratio_spread(base, mine)
 
-def _summarise(runs: list[tuple[dict[str, list[float]], float]], tokens: torch.Tensor) -> Run:
-    def per_call(times: dict[str, list[float]]) -> dict[str, float]:
-        return {s: 1e3 * sum(times.get(s, [0.0])) for s in STAGES}
+    def saved_ms(selected) -> float:
+        return 1e3 * sum(
+            statistics.median(c.stage_s(s) for c in eager[1:])
+            - statistics.median(c.stage_s(s) for c in optimised[1:])
+            for s in selected
+        )
 
-    steady = [per_call(t) for t, _ in runs[1:]]
-    return Run(
-        tokens=tokens.cpu(),
-        first=per_call(runs[0][0]),
-        steady={s: statistics.median(r[s] for r in steady) for s in STAGES},
-        decode_ms_per_token=1e3
-        * statistics.median(step for t, _ in runs[1:] for step in t.get("decode", [0.0])),
-        total_ms=1e3 * statistics.median(total for _, total in runs[1:]),
-    )
-
-
-def measure(
-    pipelines: dict[str, Pipeline], waves, template, max_new_tokens: int, repeats: int
-) -> dict[str, Run]:
-    """Interleaved rounds (one call of each pipeline per round), so a slow spell on the
-    machine hits every pipeline alike. The first round is kept apart: it compiles."""
-    runs: dict[str, list] = {name: [] for name in pipelines}
-    tokens: dict[str, torch.Tensor] = {}
-    for _ in range(repeats + 1):
-        for name, pipeline in pipelines.items():
-            timer = StageTimer(pipeline.device)
-            start = time.perf_counter()
-            tokens[name] = pipeline(waves, template, max_new_tokens, timer=timer)
-            runs[name].append((dict(timer.times), time.perf_counter() - start))
-    return {name: _summarise(runs[name], tokens[name]) for name in pipelines}
+    return {
+        "eager_ms": 1e3 * statistics.median(base),
+        "recipe_ms": 1e3 * statistics.median(mine),
+        "speedup": spread["median"],
+        "speedup_p10": spread["p10"],
+        "speedup_p90": spread["p90"],
+        "within_noise": spread["within_noise"],
+        "saved_ms": 1e3 * (statistics.median(base) - statistics.median(mine)),
+        "saved_in_changed_stages_ms": saved_ms(sorted(stages.changed)),
+    }
 
 
 def first_divergence(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None:
@@ -95,33 +122,9 @@ def first_divergence(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int] | None
     return row, col
 
 
-def stage_rows(stages: Stages, eager: Run, optimised: Run) -> list[dict[str, Any]]:
-    rows = []
-    for stage in STAGES:
-        fn = getattr(stages, stage)
-        compiled = getattr(fn, "step", fn)  # a captured decode step wraps a compiled one
-        base = eager.decode_ms_per_token if stage == "decode" else eager.steady[stage]
-        opt = optimised.decode_ms_per_token if stage == "decode" else optimised.steady[stage]
-        rows.append(
-            {
-                "stage": stage,
-                "eager_ms": base,
-                "recipe_ms": opt,
-                "speedup": base / opt if opt > 0 else float("nan"),
-                "compile_s": max(0.0, (optimised.first[stage] - optimised.steady[stage]) / 1e3),
-                "graphs": getattr(compiled, "graphs", 0),
-                "graph_breaks": getattr(compiled, "graph_breaks", 0),
-                "recompiles": getattr(compiled, "recompiles", 0),
-                "cudagraph_captures": getattr(fn, "captures", 0),
-                "cudagraph_skips": getattr(compiled, "cudagraph_skips", 0),
-                "backend": stages.labels.get(stage, "eager"),
-            }
-        )
-    return rows
-
-
 def environment(device: torch.device) -> dict[str, str]:
-    """What every recorded result names: device, versions, commit."""
+    """What every recorded result names: device (with the CPU's vector ISA), versions,
+    commit."""
 
     def git(*args: str) -> str:
         try:
@@ -142,10 +145,13 @@ def environment(device: torch.device) -> dict[str, str]:
     import fms
     import transformers
 
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        isa = torch.backends.cpu.get_cpu_capability()
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {isa})"
     return {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "ibm-fms": getattr(fms, "__version__", "unknown"),
@@ -154,13 +160,38 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
+def check_writable_folder(path: Path) -> None:
+    """Refuse an output folder before the run, not after it."""
+    if path.exists() and not path.is_dir():
+        raise GsoptError(f"--out {path}: exists and is not a folder; name a folder")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GsoptError(f"--out {path}: {parent} is not writable; choose another folder")
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Never leave a half-written report: write beside it, then rename."""
+    """Never leave a half-written file: write beside it, then rename. The file gets the
+    permissions any new file gets (the umask), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def to_json(data: Any) -> str:
+    """Strict JSON: an undefined figure is null, never NaN."""
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def _speedup(row: dict[str, Any]) -> str:
+    if row.get("changed") is False or row["speedup"] is None:
+        return "-"
+    text = f"{row['speedup']:.2f}x ({row['speedup_p10']:.2f}-{row['speedup_p90']:.2f})"
+    return text + (" within noise" if row["within_noise"] else "")
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -172,7 +203,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 r["backend"],
                 f"{r['eager_ms']:.2f}",
                 f"{r['recipe_ms']:.2f}",
-                f"{r['speedup']:.2f}x",
+                _speedup(r),
                 f"{r['compile_s']:.1f}",
                 r["graphs"],
                 r["graph_breaks"],
@@ -187,7 +218,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             "backend",
             "eager ms",
             "recipe ms",
-            "speed-up",
+            "speed-up (p10-p90)",
             "compile s",
             "graphs",
             "breaks",
@@ -204,16 +235,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['recipe']['description']}",
         "",
         f"Model `{report['model']}` ({report['dtype']}), {report['audio_seconds']:.1f} s of audio,"
-        f" {report['max_new_tokens']} new tokens, median of {report['repeats']} runs.",
+        f" {report['max_new_tokens']} new tokens, median of {report['repeats']} interleaved "
+        "rounds after a warm-up round.",
         f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
         f"ibm-fms {env['ibm-fms']}; commit {env['commit']}; {env['date']}.",
         "",
         table,
         "",
-        "decode: ms per token; other stages: ms per call.",
+        "decode: ms per token; other stages: ms per call. Speed-ups are medians of the "
+        "per-round ratios, with their 10th-90th percentiles; a stage the recipe leaves as the "
+        "baseline runs it shows '-'.",
         "",
         f"End to end: eager {e2e['eager_ms']:.1f} ms, recipe {e2e['recipe_ms']:.1f} ms "
-        f"({e2e['speedup']:.2f}x).",
+        f"({_speedup(e2e)}); {e2e['saved_ms']:.1f} ms saved, "
+        f"{e2e['saved_in_changed_stages_ms']:.1f} ms of it in the stages the recipe changed.",
         f"Agreement: {report['agreement']}.",
     ]
     if report["notes"]:
@@ -222,6 +257,12 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise GsoptError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.max_new_tokens < 1:
+        raise GsoptError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    out = Path(args.out)
+    check_writable_folder(out)
     device = resolve_device(args.device)
     recipe: Recipe = load_recipe(args.recipe)
     model_name, default_dtype = default_model(device)
@@ -236,13 +277,24 @@ def run(args: argparse.Namespace) -> int:
     # both run interleaved on the same weights; one that only wraps stages shares the model.
     recipe_model = copy.deepcopy(model) if changes_model(model, recipe) else model
     stages = apply(recipe_model, recipe)
-    pipelines = {
-        "eager": Pipeline(model, Stages.eager(model, "dynamic")),
-        "recipe": Pipeline(recipe_model, stages),
+    runners = {
+        "eager": pipeline_runner(
+            Pipeline(model, Stages.eager(model, "dynamic")), waves, template, args.max_new_tokens
+        ),
+        "recipe": pipeline_runner(
+            Pipeline(recipe_model, stages), waves, template, args.max_new_tokens
+        ),
     }
-    runs = measure(pipelines, waves, template, args.max_new_tokens, args.repeats)
-    eager, optimised = runs["eager"], runs["recipe"]
-    divergence = first_divergence(eager.tokens, optimised.tokens)
+    compiles = any(isinstance(getattr(stages, s), CompiledStage) for s in STAGES)
+    if compiles:
+        print(
+            f"gsopt apply: compiling {recipe.name}'s stages on the first call (on a CPU this "
+            "can take a minute)",
+            file=sys.stderr,
+        )
+    calls = interleave(runners, args.repeats + 1)
+    eager, optimised = calls["eager"], calls["recipe"]
+    divergence = first_divergence(eager[-1].tokens, optimised[-1].tokens)
     same_precision = (recipe.dtype or dtype_name) == "float32" and dtype_name == "float32"
     if divergence is None:
         agreement = "greedy tokens identical to eager"
@@ -256,19 +308,14 @@ def run(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
         "environment": environment(device),
-        "stages": stage_rows(stages, eager, optimised),
-        "end_to_end": {
-            "eager_ms": eager.total_ms,
-            "recipe_ms": optimised.total_ms,
-            "speedup": eager.total_ms / optimised.total_ms,
-        },
+        "stages": stage_rows(stages, eager, optimised, compiles),
+        "end_to_end": end_to_end(stages, eager, optimised),
         "agreement": agreement,
         "tokens_identical": divergence is None,
         "notes": stages.notes,
     }
     markdown = render_markdown(report)
-    out = Path(args.out)
-    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", to_json(report))
     write_atomic(out / "report.md", markdown)
     print(markdown, end="")
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
@@ -285,7 +332,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", help="float32, bfloat16 or float16")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the first")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the first")
     parser.add_argument("--out", default="gsopt-report", help="folder for report.json/.md")
     parser.set_defaults(run=run)
     return parser

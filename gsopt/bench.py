@@ -31,12 +31,13 @@ from gsopt.checkpoint import load_model
 from gsopt.config import VARIANTS, GraniteSpeechConfig, to_hf_config
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE, LogMelFrontend, num_audio_tokens
+from gsopt.measure import Call, interleave, pipeline_runner, stats_ms
 from gsopt.pipeline import STAGES, Pipeline, prompt_for
 from gsopt.recipe import apply, changes_model, load_recipe
 from gsopt.runtime import DTYPES, resolve_device
 from gsopt.timing import StageTimer
 
-SCHEMA = "gsopt-bench/1"
+SCHEMA = "gsopt-bench/2"
 PEERS = ("transformers-eager", "transformers-static-compile")
 
 
@@ -60,18 +61,51 @@ def decode_step_bytes(
     return (weights + embedding_rows + kv_cache) * itemsize
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
-    """Achieved bytes/s of a large `copy_` (read + write counted), the practical ceiling the
-    decode step is compared to."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 1):
-        timer = StageTimer(device)
-        with timer("copy"):
-            dst.copy_(src)
-        times.append(timer.times["copy"][0])
-    return 2 * nbytes / statistics.median(times[1:])
+# Read ceilings are measured on at most this much memory: far past any cache, and cheap.
+MAX_CEILING_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
+
+
+class ReadCeiling:
+    """The rate at which this device reads memory the way a decode step does: a GEMV over a
+    weight of the step's size (and a sum over it), in the row's dtype. One sample per round,
+    interleaved with the rows it is compared to; the ceiling is the best sample. A step whose
+    weights fit in a cache gets a cache-sized ceiling, as it should."""
+
+    def __init__(self, device: torch.device, nbytes: int, dtype: torch.dtype):
+        nbytes = min(nbytes, MAX_CEILING_BYTES[device.type])
+        cols = 1024
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        rows = max(1, nbytes // (cols * itemsize))
+        self.weight = torch.empty(rows, cols, dtype=dtype, device=device).uniform_(-1, 1)
+        self.vector = torch.ones(cols, dtype=dtype, device=device)
+        self.device = device
+        self.best = 0.0
+
+    def sample(self) -> None:
+        for read in (lambda: self.weight @ self.vector, self.weight.sum):
+            timer = StageTimer(self.device)
+            with timer("read"):
+                read()
+            self.best = max(self.best, self.weight.nbytes / timer.times["read"][0])
+
+
+def roofline(step_bytes: int, step_s: float, ceiling_Bps: float) -> dict[str, float]:
+    """Bytes a decode step reads against the measured read ceiling. Reading faster than the
+    ceiling is impossible: such a figure is a measuring bug, so it raises."""
+    achieved = step_bytes / step_s
+    mbu = achieved / ceiling_Bps
+    if mbu > 1.0:
+        raise RuntimeError(
+            f"bug: decode read {achieved / 1e9:.1f} GB/s, above the measured read ceiling "
+            f"{ceiling_Bps / 1e9:.1f} GB/s (MBU {100 * mbu:.0f}%)"
+        )
+    return {
+        "bytes_per_step": step_bytes,
+        "achieved_GBps": achieved / 1e9,
+        "ceiling_GBps": ceiling_Bps / 1e9,
+        "mbu": mbu,
+        "floor_ms_per_token": 1e3 * step_bytes / ceiling_Bps,
+    }
 
 
 def reference_pair(source: str, folder: Path, device: torch.device, dtype: torch.dtype):
@@ -115,26 +149,20 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
-    return {"median_ms": 1e3 * statistics.median(ordered), "p90_ms": 1e3 * p90}
-
-
-def _summary(
-    calls: list[dict[str, list[float]]], totals: list[float], audio_s: float, tokens: int
-) -> dict[str, Any]:
-    """Stage and end-to-end statistics; calls[0]/totals[0] are the warm-up (compile) call."""
+def _summary(calls: list[Call], audio_s: float, tokens: int) -> dict[str, Any]:
+    """Stage and end-to-end statistics; calls[0] is the warm-up (compile) call."""
     steady = calls[1:]
-    stages = {s: _stats([sum(c.get(s, [0.0])) for c in steady]) for s in STAGES if s in calls[0]}
-    median_s = statistics.median(totals[1:])
+    totals = [c.total for c in steady]
+    median_s = statistics.median(totals)
     return {
-        "stages": stages,
-        "decode_ms_per_token": _stats([t for c in steady for t in c.get("decode", [])]),
+        "stages": {
+            s: stats_ms([c.stage_s(s) for c in steady]) for s in STAGES if s in calls[0].stages
+        },
+        "decode_ms_per_token": stats_ms([t for c in steady for t in c.stages.get("decode", [])]),
         "end_to_end": {
-            **_stats(totals[1:]),
-            "first_ms": 1e3 * totals[0],
-            "compile_s": max(0.0, totals[0] - median_s),
+            **stats_ms(totals),
+            "first_ms": 1e3 * calls[0].total,
+            "compile_s": max(0.0, calls[0].total - median_s),
             "rtf": median_s / audio_s,
             "rtfx": audio_s / median_s,
             "tokens_per_s": tokens / median_s,
@@ -143,23 +171,13 @@ def _summary(
 
 
 def recipe_runner(model, recipe_name: str, waves, template, new_tokens: int):
-    """A recipe's pipeline as a callable: each call runs it once and returns (per-stage
-    times, total seconds). A recipe that transforms the model gets a copy, so every row
-    starts from the same model."""
+    """A recipe's pipeline as a runner, and its fallback notes. A recipe that transforms the
+    model gets a copy, so every row starts from the same model."""
     recipe = load_recipe(recipe_name)
     if changes_model(model, recipe):
         model = copy.deepcopy(model)
     stages = apply(model, recipe)
-    pipeline = Pipeline(model, stages)
-
-    def call(annotate: bool = False) -> tuple[dict[str, list[float]], float]:
-        timer = StageTimer(pipeline.device, annotate)
-        with timer("total"):
-            pipeline(waves, template, new_tokens, timer=timer)
-        total = timer.times.pop("total")[0]
-        return dict(timer.times), total
-
-    return call, stages.notes
+    return pipeline_runner(Pipeline(model, stages), waves, template, new_tokens), stages.notes
 
 
 class _StepClock:
@@ -203,7 +221,7 @@ def peer_runner(hf, peer: str, waves, template, new_tokens: int):
         config._compile_all_devices = True  # transformers compiles only on accelerators otherwise
         kwargs.update(cache_implementation="static", compile_config=config)
 
-    def call(annotate: bool = False) -> tuple[dict[str, list[float]], float]:
+    def call(annotate: bool = False) -> Call:
         clock = _StepClock(device)
         start = time.perf_counter()
         with torch.no_grad():
@@ -227,13 +245,13 @@ def peer_runner(hf, peer: str, waves, template, new_tokens: int):
             "prefill": [s[2] - s[1]],  # encoder + projector + prefill: one forward
             "decode": [b - a for a, b in zip(s[2:], s[3:], strict=False)],
         }
-        return times, total
+        return Call(times, total)
 
     return call
 
 
 def _point_rows(
-    model, hf, recipes, dtype_name, seconds, batch, new_tokens, args, copy_bw, device, bar
+    model, hf, recipes, dtype_name, seconds, batch, new_tokens, args, device, bar
 ) -> list[dict[str, Any]]:
     waves = [clip(seconds)] * batch
     template = prompt_template(model.config)
@@ -277,37 +295,31 @@ def _point_rows(
                 )
         except Exception as e:
             failed(name, e)
-    calls: dict[str, list] = {name: [] for name in runners}
-    totals: dict[str, list[float]] = {name: [] for name in runners}
     peaks = dict.fromkeys(runners, 0)
-    # Round 0 compiles; every later round calls each row once, so a slow spell on the machine
-    # hits all rows alike and the ratios of medians stay fair.
-    for _ in range(args.repeats + 1):
-        for name in list(runners):
-            bar.set_postfix_str(f"{name} {dtype_name} {seconds:g}s B={batch} N={new_tokens}")
-            _reset_peak(device)
-            try:
-                times, total = runners[name]()
-            except Exception as e:
-                failed(name, e)
-                del runners[name]
-                continue
-            finally:
-                bar.update()
-            calls[name].append(times)
-            totals[name].append(total)
-            peaks[name] = max(peaks[name], peak_memory(device))
+    ceiling = ReadCeiling(device, step_bytes, DTYPES[dtype_name])
+
+    def before(name: str) -> None:
+        bar.set_postfix_str(f"{name} {dtype_name} {seconds:g}s B={batch} N={new_tokens}")
+        _reset_peak(device)
+        if name == next(iter(runners)):  # one ceiling sample per round
+            ceiling.sample()
+
+    def after(name: str, call: Call | None) -> None:
+        bar.update()
+        peaks[name] = max(peaks[name], peak_memory(device))
+
+    calls = interleave(
+        runners, args.repeats + 1, before_call=before, after_call=after, on_error=failed
+    )
+    del ceiling.weight
     for name, call in runners.items():
         row = rows[name]
-        row.update(_summary(calls[name], totals[name], audio_s, tokens))
+        if row["error"] is not None:
+            continue
+        row.update(_summary(calls[name], audio_s, tokens))
         row["peak_memory_bytes"] = peaks[name]
         step_s = row["decode_ms_per_token"]["median_ms"] / 1e3
-        row["roofline"] = {
-            "bytes_per_step": step_bytes,
-            "achieved_GBps": step_bytes / step_s / 1e9,
-            "mbu": step_bytes / step_s / copy_bw,
-            "floor_ms_per_token": 1e3 * step_bytes / copy_bw,
-        }
+        row["roofline"] = roofline(step_bytes, step_s, ceiling.best)
         if args.profile is not None and name not in PEERS:
             with torch.profiler.profile() as prof:  # every stage is a named range (gsopt/STAGE)
                 call(annotate=True)
@@ -358,7 +370,6 @@ def run(args: argparse.Namespace) -> int:
         _ints(args.batch),
         _ints(args.max_new_tokens),
     )
-    copy_bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (256 << 20))
     points = [(s, b, n) for s in seconds for b in batches for n in new_tokens]
     per_point = len(recipes) + (len(PEERS) if args.peers else 0)
     rows: list[dict[str, Any]] = []
@@ -370,9 +381,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.peers:
                     hf = None
                 for s, b, n in points:
-                    rows += _point_rows(
-                        model, hf, recipes, dtype_name, s, b, n, args, copy_bw, device, bar
-                    )
+                    rows += _point_rows(model, hf, recipes, dtype_name, s, b, n, args, device, bar)
                 del model, hf
     result = {
         "schema": SCHEMA,
@@ -393,7 +402,8 @@ def run(args: argparse.Namespace) -> int:
             "lora": "none on both sides (transformers' model is built without the adapter)",
             "audio": "bundled sample clip tiled/cropped to each length; batch = B copies",
         },
-        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "read_ceiling": "best of a GEMV and a sum over a weight the size of the step's "
+        "bytes (capped at 1 GiB on CPU, 4 GiB on CUDA), one sample per round, in the row's dtype",
         "memory_kind": memory_kind(device),
         "rows": rows,
     }

@@ -8,13 +8,14 @@ function, counting graphs, recompiles with every failed guard (captured from dyn
 inductor kernels and steady time. gsopt's stages run under three strategies:
 - `exact`: static shapes, no padding (one graph per distinct shape: the unbounded baseline);
 - `dynamic`: `dynamic=True`, no padding;
-- `buckets`: static shapes, audio padded up to a length ladder (`AUDIO_LADDER_S`) and the
-  prompt to that bucket's token count, so each bucket compiles once.
+- `buckets`: static shapes, audio padded up to whole conformer attention blocks and the prompt
+  to a multiple of 64 tokens, as a bucketing recipe pads them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -30,12 +31,9 @@ from tabulate import tabulate
 from gsopt.apply import environment, prompt_template, write_atomic
 from gsopt.checkpoint import load_model
 from gsopt.config import to_hf_config
-from gsopt.encoder import encoder_frame_mask
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE
-from gsopt.generate import right_pad
-from gsopt.kv_cache import StaticKVCache, bucket
-from gsopt.pipeline import AUDIO_LADDER_S, STAGES, Stages, bucket_seconds, prompt_for
+from gsopt.pipeline import STAGES, Pipeline, Stages, prompt_for
 from gsopt.runtime import resolve_device
 
 STRATEGIES = ("exact", "dynamic", "buckets")
@@ -60,9 +58,6 @@ class StageReport:
     compile_s: float = 0.0
     steady_ms: float = 0.0
     kernels: int | str = "n/a"
-    # The sweep compiles without CUDA graphs, so there is nothing to re-record here;
-    # `gsopt apply` reports the decode step's captures.
-    cudagraph_rerecords: int | str = "n/a"
 
 
 class RecompileLog(logging.Handler):
@@ -164,51 +159,24 @@ def _kernel_count() -> int:
 def gsopt_points(
     model, stages: Stages, seconds: list[float], batches: list[int], strategy: str
 ) -> dict[str, list[tuple]]:
-    """Each stage's arguments at every sweep point, computed by running the eager stages."""
+    """Each stage's arguments at every sweep point, as the pipeline passes them (recorded
+    from an eager run of it). `buckets` pads audio and prompts as a bucketing recipe does."""
     points: dict[str, list[tuple]] = {s: [] for s in STAGES}
     template = prompt_template(model.config)
-    dtype = model.projector.query.dtype
-    pad_id = max(model.config.decoder.pad_id, 0)
     generator = torch.Generator().manual_seed(0)
-    device = model.decoder.head.weight.device
-    with torch.no_grad():
-        for sec in seconds:
-            for batch in batches:
-                samples = int(sec * SAMPLE_RATE)
-                padded = samples
-                prompt_multiple = 1
-                if strategy == "buckets":
-                    rung = bucket_seconds(sec)
-                    padded = rung * SAMPLE_RATE
-                    prompt_multiple = len(template) - 1 + model.config.audio_tokens(padded)
-                waves = torch.zeros(batch, padded)
-                waves[:, :samples] = torch.randn(batch, samples, generator=generator) * 0.1
-                waves = waves.to(device)
-                lengths = torch.full((batch,), samples, device=device)
-                points["frontend"].append((waves, lengths))
-                features, frames = stages.frontend(waves, lengths)
-                mask = encoder_frame_mask(frames, features.shape[1])
-                points["encoder"].append((features.to(dtype), mask))
-                hidden = stages.encoder(features.to(dtype), mask)
-                points["projector"].append((hidden,))
-                audio = stages.projector(hidden)
-                tokens = model.config.audio_tokens(samples)
-                prompts = [prompt_for(tokens, template, model.config.audio_token_id)] * batch
-                ids, lens = right_pad(prompts, pad_id, prompt_multiple)
-                ids, lens = ids.to(device), lens.to(device)
-                max_len = bucket(ids.shape[1] + MAX_NEW_TOKENS, 64)
-                cache = StaticKVCache(
-                    batch,
-                    max_len,
-                    model.config.decoder.nlayers,
-                    model.config.decoder.kvheads or model.config.decoder.nheads,
-                    model.config.decoder.head_dim,
-                    dtype,
-                    device,
-                ).layers
-                points["prefill"].append((model, ids, lens, audio, cache, "sdpa"))
-                token = stages.prefill(model, ids, lens, audio, cache, "sdpa")
-                points["decode"].append((model, token, lens, cache, "sdpa"))
+    stages = dataclasses.replace(
+        stages,
+        audio_buckets=strategy == "buckets",
+        prefill_bucket=64 if strategy == "buckets" else 1,
+    )
+    pipeline = Pipeline(model, stages)
+    for sec in seconds:
+        for batch in batches:
+            waves = [torch.randn(int(sec * SAMPLE_RATE), generator=generator) * 0.1] * batch
+            record: dict[str, tuple] = {}
+            pipeline(waves, template, MAX_NEW_TOKENS, record=record)
+            for stage in STAGES:
+                points[stage].append(record[stage])
     return points
 
 
@@ -312,7 +280,6 @@ def render(reports: list[StageReport]) -> str:
             f"{r.compile_s:.1f}",
             f"{r.steady_ms:.2f}",
             r.kernels,
-            r.cudagraph_rerecords,
         ]
         for r in reports
     ]
@@ -329,7 +296,6 @@ def render(reports: list[StageReport]) -> str:
             "compile s",
             "steady ms",
             "kernels",
-            "cg re-records",
         ],
         tablefmt="github",
     )
@@ -370,7 +336,6 @@ def run(args: argparse.Namespace) -> int:
             "backend": args.backend,
             "audio_seconds": seconds,
             "batch": batches,
-            "audio_ladder_s": list(AUDIO_LADDER_S),
             "environment": environment(device),
             "notes": recipe_notes,
             "stages": [asdict(r) for r in reports],

@@ -1,11 +1,15 @@
-"""Greedy decoding, gpt-fast style: `prefill`, `decode_one_token`, `generate`.
+"""Greedy decoding on the static KV cache, gpt-fast style: `setup_cache`, `prefill`,
+`decode_one_token`, `decode_n_tokens`, `verify`, `generate`.
 
-Two KV-cache paths share one loop:
-- `dynamic`: FMS as shipped. Left-padded prompts with a float mask and position ids, a
-  cache that grows with `torch.cat`, the mask rebuilt every step (FMS's own helpers).
-- `static`: gsopt's preallocated cache (`gsopt.kv_cache`). Right-padded prompts, each row
-  at its own position; every decode step has the same shapes.
-The loop syncs with the host only every `check_every` tokens, to stop at end-of-text.
+Each step is a small function of tensors that a recipe compiles or captures as it is:
+- rows are right-padded and each keeps its own position, so a batched row is computed as the
+  same prompt alone;
+- the decode step has fixed shapes but for the attended span (`StaticKVCache.span`), a
+  dynamic size, so it compiles to one graph for every prompt length; captured steps attend
+  over the whole cache instead (`fixed_span`);
+- end-of-text is a device-side `done` mask updated inside the step; the loop reads it only
+  every `check_every` tokens.
+FMS's stock path (growing cache, the baseline) is `gsopt.fms_decode`.
 """
 
 from __future__ import annotations
@@ -13,10 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from fms.modules.attention import get_attention_type
-from fms.utils.generation import pad_input_ids
 
-from gsopt.kv_cache import ATTN_NAME, StaticKVCache, bucket, decode_kwargs
+from gsopt.kv_cache import SDPA, StaticKVCache, bucket, cache_for
 from gsopt.timing import StageTimer, stage
 
 
@@ -35,87 +37,120 @@ def right_pad(prompts: list[torch.Tensor], pad_id: int, multiple: int = 1):
     return ids, lengths
 
 
-def prefill_static(
+def default_max_seq_len(model) -> int:
+    """Cache positions by default: the decoder's position limit, which bounds the longest
+    audio plus new tokens the pipeline accepts, so a cache is made once per batch size."""
+    return model.config.decoder.max_expected_seq_len
+
+
+def setup_cache(model, batch: int, needed: int, max_seq_len: int | None = None) -> StaticKVCache:
+    return cache_for(model, batch, needed, max_seq_len or default_max_seq_len(model))
+
+
+def _forward(model, embeds, positions, cache: list, attn_name: str, **attn_kwargs):
+    hidden, _ = model.decoder.base_model(
+        embeds, positions, cache, use_cache=True, attn_name=attn_name, **attn_kwargs
+    )
+    return hidden
+
+
+def prefill(
     model,
     input_ids: torch.Tensor,
     lengths: torch.Tensor,
     audio_embeds: torch.Tensor | None,
     cache: list,
-    decode_attention: str = "sdpa",
+    attn_name: str = SDPA,
 ) -> torch.Tensor:
     """Run the prompt, fill the static cache; returns the first generated token [B, 1]."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    hidden, _ = model.decoder.base_model(
+    hidden = _forward(
+        model,
         model.embed(input_ids, audio_embeds),
         positions,
         cache,
-        use_cache=True,
-        attn_name=ATTN_NAME,
+        attn_name,
         cache_positions=positions,
         prefill=True,
-        decode_attention=decode_attention,
     )
     last = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))
     return logits_from_hidden(model, last).argmax(-1)
 
 
-def decode_one_token_static(
+def verify(
     model,
     tokens: torch.Tensor,
     positions: torch.Tensor,
     cache: list,
-    decode_attention: str = "sdpa",
+    kv_index: torch.Tensor,
+    attn_name: str = SDPA,
 ) -> torch.Tensor:
-    """One token per row at its own position; fixed shapes, no host sync."""
-    hidden, _ = model.decoder.base_model(
+    """k tokens per row [B, k], row b's first at positions[b], in one forward: attention is
+    causal within the block and sees the row's cache before it. Returns the greedy token
+    after each of the k positions [B, k]. Slots written past what a caller accepts are
+    harmless: a later step writes its own position before anything reads it."""
+    k = tokens.shape[1]
+    cache_positions = positions[:, None] + torch.arange(k, device=tokens.device)
+    hidden = _forward(
+        model,
         model.embed(tokens, None),
-        positions[:, None],
+        cache_positions,
         cache,
-        use_cache=True,
-        attn_name=ATTN_NAME,
-        prefill=False,
-        **decode_kwargs(positions, cache[0][0].shape[2], decode_attention),
+        attn_name,
+        cache_positions=cache_positions,
+        kv_index=kv_index,
     )
     return logits_from_hidden(model, hidden).argmax(-1)
 
 
-def prefill_dynamic(
-    model, prompts: list[torch.Tensor], audio_embeds: torch.Tensor | None, pad_id: int
-):
-    """FMS's stock path: left padding, float mask, growing cache."""
-    ids, kwargs = pad_input_ids(prompts, pad_token_id=pad_id)
-    device = model.decoder.head.weight.device
-    ids, mask, positions = (
-        ids.to(device),
-        kwargs["mask"].to(device),
-        kwargs["position_ids"].to(device),
-    )
-    hidden, cache = model.decoder.base_model(
-        model.embed(ids, audio_embeds),
-        positions,
-        None,
-        use_cache=True,
-        attn_name="sdpa_causal",
-        mask=mask,
-    )
-    return logits_from_hidden(model, hidden[:, -1:]).argmax(-1), cache, mask, positions[:, -1]
+def decode_one_token(
+    model,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    done: torch.Tensor,
+    cache: list,
+    kv_index: torch.Tensor,
+    attn_name: str = SDPA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row at its own position, and the rows done so far; no host sync."""
+    token = verify(model, tokens, positions, cache, kv_index, attn_name)
+    return token, done | (token[:, 0] == model.config.eos_token_id)
 
 
-def decode_one_token_dynamic(model, tokens, positions, cache, mask):
-    mask = get_attention_type(attn_name="sdpa_causal")["update_attn_kwargs"](mask=mask)["mask"]
-    hidden, cache = model.decoder.base_model(
-        model.embed(tokens, None),
-        positions[:, None],
-        cache,
-        use_cache=True,
-        attn_name="sdpa_causal",
-        mask=mask,
-    )
-    return logits_from_hidden(model, hidden).argmax(-1), cache, mask
-
-
-def _finished(generated: list[torch.Tensor], eos_id: int) -> bool:
-    return bool((torch.cat(generated, 1) == eos_id).any(1).all())
+def decode_n_tokens(
+    model,
+    token: torch.Tensor,
+    positions: torch.Tensor,
+    cache: StaticKVCache,
+    n: int,
+    *,
+    longest: int,
+    decode_step: Callable = decode_one_token,
+    fixed_span: bool = False,
+    stop_at_eos: bool = True,
+    check_every: int = 8,
+    timer: StageTimer | None = None,
+) -> list[torch.Tensor]:
+    """Up to n more tokens after `token`, the first at `positions` (`longest` is their
+    maximum, known on the host: it sizes the attended span). Stops early once every row is
+    done, checked every `check_every` steps: the loop's only host syncs."""
+    done = token[:, 0] == model.config.eos_token_id
+    generated = []
+    for i in range(n):
+        if stop_at_eos and i % check_every == 0 and bool(done.all()):
+            break
+        with stage(timer, "decode"):
+            span = cache.span(longest + i + 1, fixed_span)
+            # A captured step returns its graph's own buffers, which its next replay
+            # overwrites (also for reduce-overhead, pytorch#175557): copy before feeding
+            # them back, and keep that one copy.
+            token, done = (
+                out.clone()
+                for out in decode_step(model, token, positions, done, cache.layers, span)
+            )
+        positions = positions + 1
+        generated.append(token)
+    return generated
 
 
 def truncate_at_eos(tokens: torch.Tensor, eos_id: int) -> list[list[int]]:
@@ -133,49 +168,40 @@ def generate(
     audio_embeds: torch.Tensor | None,
     max_new_tokens: int,
     *,
-    kv_cache: str = "static",
-    eos_id: int | None = None,
+    stop_at_eos: bool = True,
     check_every: int = 8,
     prefill_bucket: int = 1,
-    decode_attention: str = "sdpa",
-    decode_step: Callable = decode_one_token_static,
-    prefill: Callable = prefill_static,
+    max_seq_len: int | None = None,
+    prefill_step: Callable = prefill,
+    decode_step: Callable = decode_one_token,
+    fixed_span: bool = False,
     timer: StageTimer | None = None,
 ) -> torch.Tensor:
-    """Greedy tokens [B, max_new_tokens] (rows past their end-of-text hold junk: use
-    `truncate_at_eos`). `decode_step`/`prefill` replace the static-cache stages with compiled
-    or captured versions of the same functions."""
+    """Greedy tokens [B, <= max_new_tokens] (rows past their end-of-text hold junk: use
+    `truncate_at_eos`). `prefill_step`/`decode_step` are these functions or compiled or
+    captured versions of them; `fixed_span` says the decode step needs fixed shapes."""
     device = model.decoder.head.weight.device
-    pad_id = model.config.decoder.pad_id if model.config.decoder.pad_id >= 0 else 0
-    if kv_cache == "dynamic":
-        with stage(timer, "prefill"):
-            token, cache, mask, positions = prefill_dynamic(model, prompts, audio_embeds, pad_id)
-    else:
-        ids, lengths = right_pad(prompts, pad_id, prefill_bucket)
-        ids, lengths = ids.to(device), lengths.to(device)
-        cache = StaticKVCache.pooled(
-            model, len(prompts), bucket(ids.shape[1] + max_new_tokens, 64)
-        ).layers
-        with stage(timer, "prefill"):
-            token = prefill(model, ids, lengths, audio_embeds, cache, decode_attention)
-        positions = lengths
-    generated = [token]
+    pad_id = max(model.config.decoder.pad_id, 0)
+    ids, lengths = right_pad(prompts, pad_id, prefill_bucket)
+    longest = int(lengths.max())
+    ids, lengths = ids.to(device), lengths.to(device)
+    cache = setup_cache(model, len(prompts), ids.shape[1] + max_new_tokens, max_seq_len)
+    with stage(timer, "prefill"):
+        token = prefill_step(model, ids, lengths, audio_embeds, cache.layers)
     # Timing each step costs a device sync per token; a serving timer times the loop once.
     step_timer = timer if timer is not None and timer.per_step else None
     with stage(None if step_timer else timer, "decode"):
-        for i in range(1, max_new_tokens):
-            if eos_id is not None and i % check_every == 0 and _finished(generated, eos_id):
-                break
-            with stage(step_timer, "decode"):
-                if kv_cache == "dynamic":
-                    positions = positions + 1
-                    token, cache, mask = decode_one_token_dynamic(
-                        model, token, positions, cache, mask
-                    )
-                else:
-                    token = decode_step(model, token, positions, cache, decode_attention)
-                    positions = positions + 1
-            # The one copy per step: a captured step (manual or reduce-overhead) returns a
-            # buffer that its next replay overwrites.
-            generated.append(token.clone())
-    return torch.cat(generated, 1)
+        generated = decode_n_tokens(
+            model,
+            token,
+            lengths,
+            cache,
+            max_new_tokens - 1,
+            longest=longest,
+            decode_step=decode_step,
+            fixed_span=fixed_span,
+            stop_at_eos=stop_at_eos,
+            check_every=check_every,
+            timer=step_timer,
+        )
+    return torch.cat([token, *generated], 1)

@@ -1,38 +1,55 @@
-"""A static KV cache for FMS's Granite, plugged in through FMS's attention-op registry.
+"""A static KV cache for FMS's Granite, and gsopt's attention implementations as FMS ops.
 
 FMS's stock op grows the cache with `torch.cat` and rebuilds the mask every step, so every
-decode step has new shapes. Here each layer owns preallocated K/V buffers [B, Hkv, Lmax, D];
-a step writes its keys in place at each row's own position and attends with a length mask.
-Rows are right-padded and keep their own positions, so a batched row is computed exactly as
-the same prompt alone. The decode step has fixed shapes: it compiles once and can be
-captured in a CUDA graph (the buffers never move).
+decode step has new shapes. Here each layer owns preallocated K/V buffers [B, Hkv, C, D],
+one set per batch size, sized once (and doubled only if a request needs more). A step
+writes its keys in place at each row's own positions; rows are right-padded and keep their
+own positions, so a batched row is computed exactly as the same prompt alone.
+
+Each attention implementation is one FMS attention op, chosen by `attn_name`:
+- `gsopt_static_sdpa`: SDPA with the GQA group folded into the query axis ([B, Hkv, G*L, D]
+  against [B, Hkv, S, D]), so K/V are read once, in the cache's dtype, never expanded. A
+  boolean mask with GQA would send CUDA's SDPA to its math backend, which expands K/V per
+  query head and upcasts the whole cache; the folded layout is plain multi-head attention
+  that the fused backends (efficient on CUDA, flash on CPU) take with a mask. It reads the
+  span `kv_index` names: the valid prefix (a dynamic size: one compiled graph for every
+  length) or, in captured steps that need fixed shapes, the whole cache.
+- `gsopt_static_triton`: the flash-decoding kernel (`gsopt.kernels.decode_attention`),
+  which reads only each row's valid length with fixed shapes, so a captured step stays
+  valid as the cache fills. The default on CUDA. Multi-token verification steps use the
+  SDPA path (the kernel takes one query per row).
+Prefill attends over the fresh keys (the whole prefix) with a causal mask in both.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from fms.modules.attention import register_attention_op
 
-ATTN_NAME = "gsopt_static"
+SDPA = "gsopt_static_sdpa"
+TRITON = "gsopt_static_triton"
+# Recipe `attention` values -> op names.
+ATTENTION_OPS = {"sdpa": SDPA, "triton": TRITON}
 
 
 class StaticKVCache:
-    """Per-layer K/V buffers; `layers` is what FMS takes as `past_key_value_states`."""
+    """Per-layer K/V buffers; `layers` is what FMS takes as `past_key_value_states`.
+    `kv_index` is arange(capacity): steps attend over a prefix view of it."""
 
     def __init__(
         self,
         batch: int,
-        max_len: int,
+        capacity: int,
         nlayers: int,
         kvheads: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (batch, kvheads, max_len, head_dim)
+        shape = (batch, kvheads, capacity, head_dim)
+        # Zeros, not empty: masked-out slots still enter SDPA's P @ V with weight 0, and
+        # 0 * NaN would poison the row.
         self.layers = [
             (
                 torch.zeros(shape, dtype=dtype, device=device),
@@ -40,41 +57,48 @@ class StaticKVCache:
             )
             for _ in range(nlayers)
         ]
+        self.kv_index = torch.arange(capacity, device=device)
         for buffers in self.layers:
             for buffer in buffers:
                 # Written in place every step: tell cudagraphs (reduce-overhead) the address is
                 # stable, or inductor skips the graph for "mutated inputs".
                 torch._dynamo.mark_static_address(buffer)
-        self.max_len = max_len
+        self.capacity = capacity
 
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> StaticKVCache:
+    def span(self, length: int, fixed: bool) -> torch.Tensor:
+        """The cache positions a step attends over: the first `length` (a dynamic size, so a
+        compiled step does not recompile as it grows), or all of them when `fixed`."""
+        if fixed:
+            return self.kv_index
+        index = self.kv_index[:length]
+        torch._dynamo.maybe_mark_dynamic(index, 0)
+        return index
+
+
+def cache_for(model: torch.nn.Module, batch: int, needed: int, max_seq_len: int) -> StaticKVCache:
+    """The model's cache for this batch size: made once at `max_seq_len` positions, doubled
+    only when a request needs more than it holds. Stale slots need no clearing: a row
+    attends only to slots it has written in this request."""
+    caches: dict = model.__dict__.setdefault("_kv_caches", {})
+    weight = model.decoder.base_model.embedding.weight
+    key = (batch, weight.dtype, weight.device)
+    cache = caches.get(key)
+    if cache is None or cache.capacity < needed:
+        capacity = cache.capacity if cache is not None else max_seq_len
+        while capacity < needed:
+            capacity *= 2
+        caches.pop(key, None)  # free the old buffers before the new ones are made
         dec = model.config.decoder
-        weight = model.decoder.base_model.embedding.weight
-        return cls(
+        cache = caches[key] = StaticKVCache(
             batch,
-            max_len,
+            capacity,
             dec.nlayers,
             dec.kvheads or dec.nheads,
             dec.head_dim,
             weight.dtype,
             weight.device,
         )
-
-    @classmethod
-    def pooled(cls, model: torch.nn.Module, batch: int, max_len: int) -> StaticKVCache:
-        """One cache per shape, kept on the model: stable addresses for captured graphs and no
-        reallocation per request. Stale entries need no clearing: a row attends only to
-        slots it has written in this request."""
-        pool = model.__dict__.setdefault("_kv_cache_pool", {})
-        weight = model.decoder.base_model.embedding.weight
-        key = (batch, max_len, weight.dtype, weight.device)
-        if key not in pool:
-            pool[key] = cls.for_model(model, batch, max_len)
-        return pool[key]
-
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+    return cache
 
 
 def _store(
@@ -87,14 +111,15 @@ def _store(
     prefill: bool = False,
     **_,
 ):
-    """Write [B, L, Hkv, D] keys/values at cache_positions [B, L]; attend over the fresh
-    keys in prefill (they are the whole prefix) and over the cache in decode."""
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-    index = cache_positions[:, None, :, None].expand_as(keys)
-    key_cache.scatter_(2, index, keys)
-    value_cache.scatter_(2, index, values)
+    """Write [B, L, Hkv, D] keys/values at cache_positions [B, L].
+
+    An indexed in-place write (index_put_): inductor keeps it in place. A `scatter_` would be
+    functionalised into clone + scatter, a copy of the whole cache every step."""
+    rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+    key_cache[rows, :, cache_positions] = keys
+    value_cache[rows, :, cache_positions] = values
     if prefill:
-        return keys, values, key_cache, value_cache
+        return keys.transpose(1, 2), values.transpose(1, 2), key_cache, value_cache
     return key_cache, value_cache, key_cache, value_cache
 
 
@@ -109,7 +134,7 @@ def _prefill(
     **_,
 ) -> torch.Tensor:
     """Causal attention within the (right-padded) prompt; pads come last, so real tokens
-    never see them."""
+    never see them. Contiguous out: FMS views the result as [B, L, H * D]."""
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2),
         keys,
@@ -118,71 +143,77 @@ def _prefill(
         scale=scale,
         enable_gqa=nheads != kvheads,
     )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).contiguous()
 
 
-def decode_kwargs(positions: torch.Tensor, max_len: int, decode_attention: str) -> dict:
-    """What every layer's decode attention reads, built once per step rather than per layer:
-    each row's valid length (`position + 1`) and the matching mask over the cache."""
-    lengths = positions + 1
-    valid = torch.arange(max_len, device=positions.device) < lengths[:, None]
-    return {
-        "cache_positions": positions[:, None],
-        "decode_lengths": lengths,
-        "decode_mask": valid[:, None, None, :],
-        "decode_attention": decode_attention,
-    }
-
-
-def _decode_sdpa(query, key_cache, value_cache, lengths, mask, scale, gqa):
-    return F.scaled_dot_product_attention(
-        query, key_cache, value_cache, attn_mask=mask, scale=scale, enable_gqa=gqa
-    )
-
-
-def _decode_math(query, key_cache, value_cache, lengths, mask, scale, gqa):
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        return _decode_sdpa(query, key_cache, value_cache, lengths, mask, scale, gqa)
-
-
-def _decode_triton(query, key_cache, value_cache, lengths, mask, scale, gqa):
-    from gsopt.kernels.decode_attention import decode_attention
-
-    return decode_attention(query, key_cache, value_cache, lengths, scale)
-
-
-_DECODE_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
-    "sdpa": _decode_sdpa,
-    "math": _decode_math,
-    "triton": _decode_triton,
-}
-
-
-def _decode(
+def _attend_cache(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    nheads: int,
     kvheads: int,
-    p_dropout: float,
     scale: float,
-    *,
-    decode_lengths: torch.Tensor,
-    decode_mask: torch.Tensor,
-    decode_attention: str = "sdpa",
-    **_,
+    cache_positions: torch.Tensor,
+    kv_index: torch.Tensor,
 ) -> torch.Tensor:
-    """One query per row against that row's first `position + 1` cache slots."""
-    impl = _DECODE_IMPLS[decode_attention]
-    out = impl(
-        query.transpose(1, 2),
-        key_cache,
-        value_cache,
-        decode_lengths,
-        decode_mask,
-        scale,
-        nheads != kvheads,
+    """Queries [B, L, H, D] at cache_positions [B, L], each seeing the cache up to its own
+    position, over the span kv_index [S]. The GQA group folds into the query axis."""
+    batch, length, heads, dim = query.shape
+    group = heads // kvheads
+    span = kv_index.shape[0]
+    folded = (
+        query.view(batch, length, kvheads, group, dim)
+        .permute(0, 2, 1, 3, 4)
+        .reshape(batch, kvheads, length * group, dim)
     )
+    visible = kv_index[None, None, :] <= cache_positions[:, :, None]  # [B, L, S]
+    mask = visible.repeat_interleave(group, dim=1)[:, None]  # [B, 1, L * G, S]
+    out = F.scaled_dot_product_attention(
+        folded, key_cache[:, :, :span], value_cache[:, :, :span], attn_mask=mask, scale=scale
+    )
+    return (
+        out.view(batch, kvheads, length, group, dim)
+        .permute(0, 2, 1, 3, 4)
+        .reshape(batch, length, heads, dim)
+    )
+
+
+def _decode_sdpa(
+    query,
+    key_cache,
+    value_cache,
+    nheads,
+    kvheads,
+    p_dropout,
+    scale,
+    *,
+    cache_positions,
+    kv_index,
+    **_,
+):
+    return _attend_cache(query, key_cache, value_cache, kvheads, scale, cache_positions, kv_index)
+
+
+def _decode_triton(
+    query,
+    key_cache,
+    value_cache,
+    nheads,
+    kvheads,
+    p_dropout,
+    scale,
+    *,
+    cache_positions,
+    kv_index,
+    **_,
+):
+    if query.shape[1] != 1:  # a verification step: several queries per row
+        return _attend_cache(
+            query, key_cache, value_cache, kvheads, scale, cache_positions, kv_index
+        )
+    from gsopt.kernels.decode_attention import decode_attention
+
+    lengths = cache_positions[:, 0] + 1
+    out = decode_attention(query.transpose(1, 2), key_cache, value_cache, lengths, scale)
     return out.transpose(1, 2)
 
 
@@ -190,9 +221,10 @@ def _is_prefill(*, prefill: bool = False, **_) -> bool:
     return prefill
 
 
-register_attention_op(
-    ATTN_NAME, _store, _prefill, is_prefill_op=_is_prefill, compute_decode_op=_decode
-)
+for _name, _decode in ((SDPA, _decode_sdpa), (TRITON, _decode_triton)):
+    register_attention_op(
+        _name, _store, _prefill, is_prefill_op=_is_prefill, compute_decode_op=_decode
+    )
 
 
 def bucket(length: int, multiple: int) -> int:

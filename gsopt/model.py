@@ -18,7 +18,7 @@ from torch import nn
 
 from gsopt.config import VARIANTS, GraniteSpeechConfig
 from gsopt.encoder import ConformerEncoder
-from gsopt.lora import LoRAQKVLinear, set_lora_enabled
+from gsopt.lora import set_lora_enabled
 from gsopt.projector import QFormerProjector
 
 ARCHITECTURE = "granite_speech"
@@ -76,12 +76,22 @@ class GraniteSpeech(nn.Module):
         """Tie the head and build RoPE tables on the real device (FMS's contract)."""
         self.decoder.post_init()
 
-    def embed_audio(self, input_features: torch.Tensor, frame_mask: torch.Tensor | None = None):
-        """Encoder + projector. Padded frames are zeroed so a padded clip == the clip alone."""
+    def encode(self, input_features: torch.Tensor, frame_mask: torch.Tensor | None = None):
+        """The encoder, with padded frames zeroed: the projector sees whole windows, and a
+        padded clip must look like the clip alone."""
         hidden = self.encoder(input_features, frame_mask)
         if frame_mask is not None:
             hidden = hidden * frame_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.projector(hidden)
+        return hidden
+
+    def embed_audio(self, input_features: torch.Tensor, frame_mask: torch.Tensor | None = None):
+        """Encoder + projector: the rows that replace the audio tokens."""
+        return self.projector(self.encode(input_features, frame_mask))
+
+    def use_audio_lora(self, enabled: bool) -> None:
+        """A live LoRA follows transformers' rule: on only for inputs that carry audio."""
+        if self.lora_mode == "live":
+            set_lora_enabled(self, enabled)
 
     def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> torch.Tensor:
         text_ids = torch.where(input_ids == self.config.audio_token_id, 0, input_ids)
@@ -108,8 +118,7 @@ class GraniteSpeech(nn.Module):
         The live LoRA is on when the call carries audio, or when `use_lora` says so (decode
         steps after an audio prefill carry no features but still belong to an audio input).
         """
-        if self.lora_mode == "live":
-            set_lora_enabled(self, input_features is not None if use_lora is None else use_lora)
+        self.use_audio_lora(input_features is not None if use_lora is None else use_lora)
         audio = None
         if input_features is not None:
             audio = self.embed_audio(
@@ -180,4 +189,4 @@ serialization.register_adapter_step(ARCHITECTURE, "hf_to_gsopt_names", _hf_to_gs
 serialization.register_adapter_step(ARCHITECTURE, "granite_decoder", _granite_decoder)
 serialization.register_adapter(ARCHITECTURE, "hf", ["hf_to_gsopt_names", "granite_decoder"])
 
-__all__ = ["ARCHITECTURE", "GraniteSpeech", "LoRAQKVLinear", "scatter_audio"]
+__all__ = ["ARCHITECTURE", "GraniteSpeech", "scatter_audio"]

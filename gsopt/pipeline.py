@@ -8,6 +8,7 @@ optimised versions of the same functions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -15,67 +16,62 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gsopt import fms_decode, generate
 from gsopt.encoder import encoder_frame_mask
-from gsopt.frontend import SAMPLE_RATE, LogMelFrontend
-from gsopt.generate import decode_one_token_static, generate, prefill_static
-from gsopt.lora import set_lora_enabled
+from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE, LogMelFrontend
+from gsopt.kv_cache import SDPA
 from gsopt.timing import StageTimer, stage
 
 STAGES = ("frontend", "encoder", "projector", "prefill", "decode")
-# Audio lengths (seconds) that compiled audio stages are specialised for: every clip is
-# padded up to the next rung, so 1-60 s of audio compiles at most five shapes per batch size.
-AUDIO_LADDER_S = (4, 8, 16, 32, 64)
 
 
-def bucket_seconds(seconds: float, ladder: tuple[int, ...] = AUDIO_LADDER_S) -> int:
-    """The smallest rung that holds the clip; past the ladder, a multiple of the last rung."""
-    for rung in ladder:
-        if seconds <= rung:
-            return rung
-    return -(-int(math.ceil(seconds)) // ladder[-1]) * ladder[-1]
+def block_seconds(model) -> float:
+    """Seconds of audio in one conformer attention block (200 frames = 4 s published)."""
+    return model.config.encoder.context_size * 2 * HOP_LENGTH / SAMPLE_RATE
 
 
-def encode(model, features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-    """Encoder stage; padded frames are zeroed here so the projector sees a lone clip's zeros."""
-    hidden = model.encoder(features, frame_mask)
-    return hidden * frame_mask.unsqueeze(-1).to(hidden.dtype)
-
-
-def project(model, hidden: torch.Tensor) -> torch.Tensor:
-    return model.projector(hidden)
+def bucket_seconds(seconds: float, block: float) -> float:
+    """Audio padded up to whole attention blocks: the encoder pads each clip to a block
+    boundary anyway, so compiled audio stages see one shape per block count at no extra
+    attention cost."""
+    return math.ceil(seconds / block) * block
 
 
 @dataclass
 class Stages:
-    """One callable per stage, and how the pipeline feeds them: `kv_cache` and
-    `decode_attention` say which decoder path prefill/decode belong to; `prefill_bucket` and
-    `audio_buckets` pad shapes so compiled stages see few of them; `check_every` is how often
-    the decode loop syncs to look for end-of-text."""
+    """One callable per stage (and `verify`, the decode step k tokens wide), and how the
+    pipeline feeds them: `kv_cache` says which decoder path runs; `fixed_span` that the
+    decode step needs fixed shapes (it is captured); `prefill_bucket` and `audio_buckets`
+    pad shapes so compiled stages see few of them; `check_every` is how often the decode
+    loop syncs to look for end-of-text; `max_seq_len` sizes the static cache."""
 
     frontend: Callable
     encoder: Callable
     projector: Callable
     prefill: Callable
     decode: Callable
+    verify: Callable
     kv_cache: str = "static"
-    decode_attention: str = "sdpa"
+    fixed_span: bool = False
     notes: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)  # stages the recipe changed vs the baseline
     check_every: int = 8
     prefill_bucket: int = 1
     audio_buckets: bool = False
+    max_seq_len: int | None = None
 
     @classmethod
-    def eager(cls, model, kv_cache: str = "static", decode_attention: str = "sdpa") -> Stages:
+    def eager(cls, model, kv_cache: str = "static", attn_name: str = SDPA) -> Stages:
         frontend = LogMelFrontend().to(model.decoder.head.weight.device)
         return cls(
             frontend=frontend,
-            encoder=functools.partial(encode, model),
-            projector=functools.partial(project, model),
-            prefill=prefill_static,
-            decode=decode_one_token_static,
+            encoder=model.encode,
+            projector=model.projector,
+            prefill=functools.partial(generate.prefill, attn_name=attn_name),
+            decode=functools.partial(generate.decode_one_token, attn_name=attn_name),
+            verify=functools.partial(generate.verify, attn_name=attn_name),
             kv_cache=kv_cache,
-            decode_attention=decode_attention,
         )
 
 
@@ -85,8 +81,21 @@ def prompt_for(audio_tokens: int, template: list[int], audio_token_id: int) -> t
     return torch.tensor(template[:at] + [audio_token_id] * audio_tokens + template[at + 1 :])
 
 
+def _recording(stages: Stages, record: dict[str, tuple]) -> Stages:
+    """The same stages, each keeping the arguments of its first call in `record`."""
+
+    def keep(name: str, fn: Callable) -> Callable:
+        def call(*args):
+            record.setdefault(name, args)
+            return fn(*args)
+
+        return call
+
+    return dataclasses.replace(stages, **{s: keep(s, getattr(stages, s)) for s in STAGES})
+
+
 class Pipeline:
-    """Drives the stages. Returns greedy tokens [B, max_new_tokens] per call."""
+    """Drives the stages. Returns greedy tokens [B, <= max_new_tokens] per call."""
 
     def __init__(self, model, stages: Stages | None = None):
         self.model = model
@@ -97,7 +106,8 @@ class Pipeline:
         lengths = torch.tensor([len(w) for w in waveforms])
         width = int(lengths.max())
         if self.stages.audio_buckets:  # real lengths still mask every stage: results are unchanged
-            width = bucket_seconds(width / SAMPLE_RATE) * SAMPLE_RATE
+            seconds = bucket_seconds(width / SAMPLE_RATE, block_seconds(self.model))
+            width = round(seconds * SAMPLE_RATE)
         padded = torch.zeros(len(waveforms), width)
         for row, wave in enumerate(waveforms):
             padded[row, : len(wave)] = wave
@@ -109,12 +119,16 @@ class Pipeline:
         waveforms: list[torch.Tensor],
         template: list[int],
         max_new_tokens: int,
-        eos_id: int | None = None,
+        *,
+        stop_at_eos: bool = False,
         timer: StageTimer | None = None,
+        record: dict[str, tuple] | None = None,
     ) -> torch.Tensor:
-        model, stages = self.model, self.stages
-        if model.lora_mode == "live":  # every pipeline input carries audio
-            set_lora_enabled(model, True)
+        """`stop_at_eos=False` decodes exactly max_new_tokens (benchmarks); `record`, when
+        given, receives each stage's first arguments (what `gsopt explain` compiles)."""
+        model = self.model
+        stages = self.stages if record is None else _recording(self.stages, record)
+        model.use_audio_lora(True)  # every pipeline input carries audio
         dtype = model.projector.query.dtype
         waves, lengths = self.batch(waveforms)
         with stage(timer, "frontend"):
@@ -128,17 +142,18 @@ class Pipeline:
             prompt_for(model.config.audio_tokens(len(w)), template, model.config.audio_token_id)
             for w in waveforms
         ]
-        return generate(
+        common = dict(stop_at_eos=stop_at_eos, check_every=stages.check_every, timer=timer)
+        if stages.kv_cache == "dynamic":
+            return fms_decode.generate(model, prompts, audio, max_new_tokens, **common)
+        return generate.generate(
             model,
             prompts,
             audio,
             max_new_tokens,
-            kv_cache=stages.kv_cache,
-            eos_id=eos_id,
-            check_every=stages.check_every,
             prefill_bucket=stages.prefill_bucket,
-            decode_attention=stages.decode_attention,
+            max_seq_len=stages.max_seq_len,
+            prefill_step=stages.prefill,
             decode_step=stages.decode,
-            prefill=stages.prefill,
-            timer=timer,
+            fixed_span=stages.fixed_span,
+            **common,
         )

@@ -1,10 +1,14 @@
-"""Recipes: declarative per-stage settings, applied to a loaded model (torchao-style).
+"""Recipes: declarative settings, applied to a loaded model in two parts (torchao-style).
 
 A recipe is data: a TOML file parsed into frozen dataclasses, unknown keys and values refused
-with the allowed ones listed. `apply(model, recipe)` transforms the model in place where the
-recipe says so (dtype, merged LoRA, encoder attention) and returns the `Stages` to run, each
-eager, compiled or captured. CUDA-only settings fall back to their nearest portable form on
-a machine without CUDA, and every fallback is written into `Stages.notes`.
+with the allowed ones listed, numbers checked against their ranges. `apply(model, recipe)`:
+1. runs the recipe's model transforms in order (`model_transforms`: dtype cast, LoRA merge,
+   encoder attention), each a small object that changes the model in place and says whether
+   it would change a given model (so `changes_model` follows from the list);
+2. wraps each stage as its compile spec says (eager, compiled, captured) and returns the
+   `Stages` to run.
+CUDA-only settings fall back to their nearest portable form on a machine without CUDA, and
+every fallback is written into `Stages.notes`.
 """
 
 from __future__ import annotations
@@ -15,23 +19,28 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from gsopt.encoder import set_block_attention
+from gsopt.encoder import BLOCK_ATTENTION, ConformerAttention, set_block_attention
 from gsopt.errors import GsoptError
+from gsopt.kv_cache import ATTENTION_OPS
 from gsopt.lora import merge_audio_lora_
 from gsopt.pipeline import STAGES, Stages
 from gsopt.runtime import DTYPES
 
 BACKENDS = ("eager", "compile")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ATTENTIONS = ("sdpa", "math", "triton")
+# `auto`: sdpa for the encoder; for the decode step the Triton kernel on CUDA (it reads only
+# each row's valid length, with fixed shapes), sdpa elsewhere.
+ATTENTIONS = {"encoder": ("auto", "sdpa", "math", "triton"), "decode": ("auto", "sdpa", "triton")}
 KV_CACHES = ("dynamic", "static")
 LORAS = ("live", "merged")
 # Which stages take which stage-specific knob.
 STAGE_KNOBS = {"attention": ("encoder", "decode"), "cudagraph": ("decode",)}
+# Smallest allowed value of each numeric setting.
+MINIMUM = {"check_every": 1, "prefill_bucket": 1, "max_seq_len": 1}
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,14 @@ class StageRecipe:
     fullgraph: bool = True
     dynamic: bool | None = None
     cudagraph: bool = False
-    attention: str = "sdpa"
+    attention: str = "auto"
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step runs as a CUDA graph (ours, or torch.compile's own)."""
+        return self.cudagraph or (
+            self.backend == "compile" and self.mode in ("reduce-overhead", "max-autotune")
+        )
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,7 @@ class Recipe:
     prefill_bucket: int = 64
     audio_buckets: bool = False
     check_every: int = 8
+    max_seq_len: int | None = None
     frontend: StageRecipe = field(default_factory=StageRecipe)
     encoder: StageRecipe = field(default_factory=StageRecipe)
     projector: StageRecipe = field(default_factory=StageRecipe)
@@ -64,23 +81,111 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+# --- model transforms ------------------------------------------------------------------------
+
+
+class Transform(Protocol):
+    stages: tuple[str, ...]  # the stages whose computation it changes
+
+    def changes(self, model: torch.nn.Module) -> bool:
+        """Whether applying this would change `model` (weights or modules): then a caller
+        that still needs the original must give `apply` a copy."""
+
+    def __call__(self, model: torch.nn.Module) -> None: ...
+
+
+@dataclass(frozen=True)
+class CastDtype:
+    dtype: str
+    stages = STAGES
+
+    def changes(self, model) -> bool:
+        return model.projector.query.dtype != DTYPES[self.dtype]
+
+    def __call__(self, model) -> None:
+        model.to(DTYPES[self.dtype])
+
+
+@dataclass(frozen=True)
+class MergeLoRA:
+    """Fold the live audio LoRA into the fused qkv weights (speech-only serving)."""
+
+    stages = ("prefill", "decode")
+
+    def changes(self, model) -> bool:
+        return model.lora_mode == "live"
+
+    def __call__(self, model) -> None:
+        merge_audio_lora_(model)
+
+
+@dataclass(frozen=True)
+class EncoderAttention:
+    name: str
+    stages = ("encoder",)
+
+    def impl(self):
+        if self.name == "triton":
+            from gsopt.kernels.conformer_attention import conformer_attention
+
+            return conformer_attention
+        return BLOCK_ATTENTION[self.name]
+
+    def changes(self, model) -> bool:
+        impl = self.impl()
+        return any(
+            m.block_attention is not impl
+            for m in model.encoder.modules()
+            if isinstance(m, ConformerAttention)
+        )
+
+    def __call__(self, model) -> None:
+        set_block_attention(model.encoder, self.impl())
+
+
+def model_transforms(recipe: Recipe, device: torch.device | None = None) -> list[Transform]:
+    """The recipe's changes to the model, in the order they run. A new kind of transform is
+    a class above and one line here."""
+    transforms: list[Transform] = []
+    if recipe.dtype is not None:
+        transforms.append(CastDtype(recipe.dtype))
+    if recipe.lora == "merged":
+        transforms.append(MergeLoRA())
+    encoder = recipe.encoder.attention
+    if encoder != "auto":
+        if encoder == "triton" and not _triton_runs(device):
+            encoder = "sdpa"
+        transforms.append(EncoderAttention(encoder))
+    return transforms
+
+
+def changes_model(model: torch.nn.Module, recipe: Recipe) -> bool:
+    device = model.decoder.head.weight.device
+    return any(t.changes(model) for t in model_transforms(recipe, device))
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
 _ALLOWED_VALUES = {
     "backend": BACKENDS,
     "mode": MODES,
-    "attention": ATTENTIONS,
     "kv_cache": KV_CACHES,
     "lora": LORAS,
     "dtype": tuple(DTYPES),
 }
 
 
-def _check_value(where: str, key: str, value: Any, default: Any) -> None:
-    allowed = _ALLOWED_VALUES.get(key)
-    if allowed is not None and value not in allowed:
-        raise GsoptError(f"{where}: {key} = {value!r} is not one of {', '.join(allowed)}")
-    expected = (bool, type(None)) if key == "dynamic" else type(default)
-    if allowed is None and default is not None and not isinstance(value, expected):
-        raise GsoptError(f"{where}: {key} = {value!r} must be a {type(default).__name__}")
+def _check_value(where: str, key: str, value: Any, default: Any, allowed=None) -> None:
+    allowed = allowed or _ALLOWED_VALUES.get(key)
+    if allowed is not None:
+        if value not in allowed:
+            raise GsoptError(f"{where}: {key} = {value!r} is not one of {', '.join(allowed)}")
+        return
+    expected = int if key in MINIMUM else bool if key == "dynamic" else type(default)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise GsoptError(f"{where}: {key} = {value!r} must be a {expected.__name__}")
+    if key in MINIMUM and value < MINIMUM[key]:
+        raise GsoptError(f"{where}: {key} = {value} must be at least {MINIMUM[key]}")
 
 
 def _stage(where: str, stage: str, table: Any) -> StageRecipe:
@@ -93,8 +198,15 @@ def _stage(where: str, stage: str, table: Any) -> StageRecipe:
             raise GsoptError(
                 f"{where}: unknown key {key!r} in [{stage}]; allowed: {', '.join(allowed)}"
             )
-        _check_value(f"{where} [{stage}]", key, value, getattr(defaults, key))
-    return StageRecipe(**table)
+        values = ATTENTIONS[stage] if key == "attention" else None
+        _check_value(f"{where} [{stage}]", key, value, getattr(defaults, key), values)
+    settings = StageRecipe(**table)
+    if settings.cudagraph and settings.backend == "compile" and settings.mode == "reduce-overhead":
+        raise GsoptError(
+            f"{where}: [{stage}] cudagraph = true with mode = 'reduce-overhead' would capture "
+            "a CUDA graph inside another; choose one"
+        )
+    return settings
 
 
 def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
@@ -113,7 +225,16 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
             _check_value(where, key, value, getattr(defaults, key))
             fields[key] = value
     fields.setdefault("name", Path(where).stem)
-    return Recipe(**fields)
+    recipe = Recipe(**fields)
+    if recipe.kv_cache == "dynamic":
+        for stage in ("prefill", "decode"):
+            settings = getattr(recipe, stage)
+            if settings.backend != "eager" or settings.cudagraph:
+                raise GsoptError(
+                    f'{where}: compiling or capturing {stage} needs kv_cache = "static" (the '
+                    "dynamic cache changes shape every step)"
+                )
+    return recipe
 
 
 def builtin_recipes() -> list[str]:
@@ -141,6 +262,9 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise GsoptError(f"{name_or_path}: not valid TOML ({e})") from None
     return parse_recipe(data, str(name_or_path))
+
+
+# --- per-stage compile specs -----------------------------------------------------------------
 
 
 def _counters() -> tuple[int, int, int]:
@@ -176,14 +300,28 @@ class CompiledStage:
         return out
 
 
+def _triton_runs(device: torch.device | None) -> bool:
+    """Triton kernels run natively on CUDA, and on the CPU only under the interpreter."""
+    if device is not None and device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _portable(stage: str, settings: StageRecipe, cuda: bool, notes: list[str]) -> StageRecipe:
     """The nearest form of a stage's settings that this machine can run."""
-    if cuda:
-        return settings
     changes: dict[str, Any] = {}
+    if settings.attention == "auto":
+        changes["attention"] = "triton" if stage == "decode" and cuda else "sdpa"
+    elif settings.attention == "triton" and not _triton_runs(
+        torch.device("cuda" if cuda else "cpu")
+    ):
+        changes["attention"] = "sdpa"
+        notes.append(f"{stage}: triton attention needs CUDA (or TRITON_INTERPRET=1); ran sdpa")
+    if cuda:
+        return dataclasses.replace(settings, **changes)
     if settings.cudagraph:
         changes.update(cudagraph=False, backend="compile")
-        notes.append(f"{stage}: cudagraph needs CUDA; ran a compiled static-shape step instead")
+        notes.append(f"{stage}: cudagraph needs CUDA; ran a compiled step instead")
     if settings.mode in ("reduce-overhead", "max-autotune"):
         changes["mode"] = (
             "default" if settings.mode == "reduce-overhead" else ("max-autotune-no-cudagraphs")
@@ -191,19 +329,21 @@ def _portable(stage: str, settings: StageRecipe, cuda: bool, notes: list[str]) -
         notes.append(
             f"{stage}: mode {settings.mode} uses CUDA graphs; ran mode {changes['mode']} instead"
         )
-    if settings.attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        changes["attention"] = "sdpa"
-        notes.append(f"{stage}: triton attention needs CUDA (or TRITON_INTERPRET=1); ran sdpa")
     return dataclasses.replace(settings, **changes)
 
 
-def _wrap(stage: str, fn, settings: StageRecipe):
+def _wrap(fn, settings: StageRecipe):
     if settings.backend == "eager":
         return fn
     kwargs: dict[str, Any] = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic)
     if settings.mode != "default":
         kwargs["mode"] = settings.mode
-    return CompiledStage(fn, **kwargs)
+    compiled = CompiledStage(fn, **kwargs)
+    if settings.cudagraph:
+        from gsopt.cudagraph import CUDAGraphStep
+
+        return CUDAGraphStep(compiled)
+    return compiled
 
 
 def describe(settings: StageRecipe) -> str:
@@ -213,59 +353,48 @@ def describe(settings: StageRecipe) -> str:
         parts = ["eager"]
     if settings.cudagraph:
         parts.append("cudagraph")
-    if settings.attention != "sdpa":
+    if settings.attention not in ("sdpa", "auto"):
         parts.append(f"{settings.attention} attention")
     return " + ".join(parts)
 
 
-def changes_model(model: torch.nn.Module, recipe: Recipe) -> bool:
-    """Whether `apply` would transform the model itself (not only wrap its stages): then a
-    caller that still needs the original must give `apply` a copy."""
-    dtype = model.projector.query.dtype
-    return (
-        (recipe.dtype is not None and DTYPES[recipe.dtype] != dtype)
-        or (recipe.lora == "merged" and model.lora_mode == "live")
-        or recipe.encoder.attention != "sdpa"
-    )
+def _changed_stages(recipe: Recipe, settings: dict[str, StageRecipe]) -> set[str]:
+    """Stages whose computation differs from the baseline's (eager, FMS's growing cache),
+    before model transforms add theirs."""
+    changed = {s for s in STAGES if settings[s].backend != "eager" or settings[s].cudagraph}
+    if settings["decode"].attention != "sdpa":
+        changed.add("decode")
+    if recipe.kv_cache == "static":
+        changed.update(("prefill", "decode"))
+    if recipe.audio_buckets:
+        changed.update(("frontend", "encoder", "projector"))
+    return changed
 
 
 def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
     """Transform `model` as the recipe says and return its stages (eager, compiled or captured)."""
-    cuda = model.decoder.head.weight.device.type == "cuda"
+    device = model.decoder.head.weight.device
+    cuda = device.type == "cuda"
     notes: list[str] = []
     settings = {s: _portable(s, getattr(recipe, s), cuda, notes) for s in STAGES}
-    if recipe.dtype is not None:
-        model.to(DTYPES[recipe.dtype])
-    if recipe.lora == "merged" and model.lora_mode == "live":
-        merge_audio_lora_(model)
-    set_block_attention(model.encoder, _encoder_attention(settings["encoder"].attention))
-    uses_static = recipe.kv_cache == "static"
-    for stage in ("prefill", "decode"):
-        if not uses_static and settings[stage].backend != "eager":
-            raise GsoptError(
-                f'recipe {recipe.name}: compiling {stage} needs kv_cache = "static" (the '
-                "dynamic cache changes shape every step)"
-            )
-    stages = Stages.eager(model, recipe.kv_cache, settings["decode"].attention)
+    changed = _changed_stages(recipe, settings)
+    for transform in model_transforms(recipe, device):
+        if transform.changes(model):
+            changed.update(transform.stages)
+        transform(model)
+    stages = Stages.eager(model, recipe.kv_cache, ATTENTION_OPS[settings["decode"].attention])
     stages.notes = notes
+    stages.changed = changed
     stages.labels = {stage: describe(settings[stage]) for stage in STAGES}
     stages.check_every = recipe.check_every
+    stages.max_seq_len = recipe.max_seq_len
     # Padding the prompt only helps a compiled prefill (fewer shapes); eager would just pay
-    # for it. The cache length is bucketed either way, so decode shapes stay bounded.
+    # for it.
     stages.prefill_bucket = recipe.prefill_bucket if settings["prefill"].backend != "eager" else 1
     stages.audio_buckets = recipe.audio_buckets
+    # A captured step replays fixed shapes: it attends over the whole cache, masked.
+    stages.fixed_span = settings["decode"].captured
     for stage in STAGES:
-        setattr(stages, stage, _wrap(stage, getattr(stages, stage), settings[stage]))
-    if settings["decode"].cudagraph:
-        from gsopt.cudagraph import CUDAGraphDecode
-
-        stages.decode = CUDAGraphDecode(stages.decode)
+        setattr(stages, stage, _wrap(getattr(stages, stage), settings[stage]))
+    stages.verify = _wrap(stages.verify, settings["decode"])  # the decode step, k tokens wide
     return stages
-
-
-def _encoder_attention(name: str):
-    if name != "triton":
-        return name
-    from gsopt.kernels.conformer_attention import conformer_attention
-
-    return conformer_attention

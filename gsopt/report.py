@@ -12,10 +12,9 @@ from typing import Any
 from tabulate import tabulate
 
 from gsopt.apply import write_atomic
+from gsopt.bench import SCHEMA
 from gsopt.errors import GsoptError
 from gsopt.pipeline import STAGES
-
-BENCH_SCHEMA = "gsopt-bench/1"
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -25,7 +24,7 @@ def load_results(path: Path) -> dict[str, Any]:
         raise GsoptError(f"{path}: no such results file") from None
     except json.JSONDecodeError as e:
         raise GsoptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if data.get("schema") != BENCH_SCHEMA:
+    if data.get("schema") != SCHEMA:
         raise GsoptError(f"{path}: not a gsopt bench result (schema {data.get('schema')!r})")
     return data
 
@@ -51,14 +50,14 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
             f"Median / p90 of {settings['repeats']} timed runs after {settings['warmup_calls']} "
             f"warm-up call, {settings.get('order', 'row by row')}. "
             f"Decoding: {settings['decoding']}. LoRA: {settings['lora']}.",
-            f"Measured copy bandwidth: {data['copy_bandwidth_GBps']:.1f} GB/s. "
-            f"Peak memory: {data['memory_kind']}.",
+            f"MBU: the decode step's bytes per second over the read ceiling, {data['read_ceiling']}"
+            f" (column 'ceiling GB/s'). Peak memory: {data['memory_kind']}.",
             "",
         ]
         table = []
         for r in data["rows"]:
             if r["error"] is not None:
-                table.append([_point(r), r["name"], f"error: {r['error']}"] + [""] * 10)
+                table.append([_point(r), r["name"], f"error: {r['error']}"] + [""] * 11)
                 continue
             e2e, sp, roof = r["end_to_end"], r["speedup"], r["roofline"]
             table.append(
@@ -70,6 +69,7 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
                     f"{e2e['rtfx']:.1f}",
                     f"{e2e['tokens_per_s']:.1f}",
                     f"{roof['achieved_GBps']:.2f}",
+                    f"{roof['ceiling_GBps']:.1f}",
                     f"{100 * roof['mbu']:.1f}%",
                     f"{r['peak_memory_bytes'] / 2**20:.0f}",
                     f"{e2e['compile_s']:.1f}",
@@ -89,6 +89,7 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
                     "RTFx",
                     "tok/s",
                     "GB/s",
+                    "ceiling GB/s",
                     "MBU",
                     "peak MiB",
                     "compile s",
@@ -122,7 +123,10 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
         notes = sorted({n for r in data["rows"] for n in r["notes"]})
         if notes:
             lines += ["Fallbacks on this machine:", *[f"- {n}" for n in notes], ""]
-    lines += ["## Charts", "", *[f"![{c}]({c})" for c in charts]]
+    if charts:
+        lines += ["## Charts", "", *[f"![{c}]({c})" for c in charts]]
+    else:
+        lines += ["No row ran (every row has an error), so there are no charts."]
     return "\n".join(lines) + "\n"
 
 
@@ -140,14 +144,16 @@ def _write_png(path: Path, data: bytes) -> None:
 
 
 def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """Stacked stage time, speed-ups vs the baselines, and MBU against the copy-bandwidth
-    floor (100%). One bar per (point, row)."""
+    """Stacked stage time, speed-ups vs the baselines, and MBU against the read ceiling
+    (100%). One bar per (point, row); no charts when no row ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["error"] is None]
+    if not ok:
+        return {}
     labels = [f"{r['name']}\n{_point(r)}" for r in ok]
     out: dict[str, bytes] = {}
 
@@ -158,7 +164,9 @@ def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
         ax.bar(labels, values, bottom=bottom, label=s)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_ylabel("median ms per call")
-    ax.set_title("Time per stage")
+    ax.set_title(
+        "Time per stage (transformers rows: encoder + projector + prefill are one forward)"
+    )
     ax.legend()
     ax.tick_params(axis="x", labelsize=7, rotation=30)
     out["stages.png"] = _png(fig)
@@ -185,9 +193,11 @@ def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4.5))
-    ax.bar(labels, [100 * r["roofline"]["mbu"] for r in ok])
-    ax.axhline(100.0, color="red", linestyle="--", label="copy-bandwidth floor (100%)")
-    ax.set_ylabel("decode MBU, % of measured copy bandwidth")
+    values = [100 * r["roofline"]["mbu"] for r in ok]
+    bars = ax.bar(labels, values)
+    ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], fontsize=7)
+    ax.axhline(100.0, color="red", linestyle="--", label="read ceiling (100%)")
+    ax.set_ylabel("decode MBU, % of the measured read ceiling")
     ax.set_title("Decode bandwidth utilisation")
     ax.legend()
     ax.tick_params(axis="x", labelsize=7, rotation=30)

@@ -129,7 +129,7 @@ def _run_batch(
     config = pipeline.model.config
     timer = StageTimer(pipeline.device, per_step=False)  # no sync per token
     start = time.perf_counter()
-    tokens = pipeline(waveforms, template, max_new_tokens, config.eos_token_id, timer)
+    tokens = pipeline(waveforms, template, max_new_tokens, stop_at_eos=True, timer=timer)
     rows = truncate_at_eos(tokens.cpu(), config.eos_token_id)
     seconds = time.perf_counter() - start
     timings = BatchTimings(

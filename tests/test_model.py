@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import gsopt
 from gsopt.config import from_hf_config, to_hf_config
 from gsopt.encoder import encoder_frame_mask
+from gsopt import fms_decode
 from gsopt.generate import generate
 
 LOGITS_SCALING = 4.0  # transformers 5.x returns logits * this; gsopt divides as Granite does
@@ -97,7 +98,8 @@ def test_greedy_32_tokens_match_reference_generate(checkpoint, kv_cache):
         )[0, ids.shape[1] :]
         audio = model.embed_audio(features)
     assert len(set(expected.tolist())) > 4, "degenerate reference: the test would prove little"
-    tokens = generate(model, [ids[0]], audio, 32, kv_cache=kv_cache)
+    decode = generate if kv_cache == "static" else fms_decode.generate
+    tokens = decode(model, [ids[0]], audio, 32, stop_at_eos=False)
     assert tokens[0].tolist() == expected.tolist()
 
 
@@ -136,9 +138,9 @@ def test_batched_clips_equal_each_clip_alone(checkpoint):
         for row, (clip, prompt) in enumerate(zip(clips, prompts, strict=True)):
             alone = model(prompt[None], clip[None])
             assert (batched[row, : len(prompt)] - alone[0]).abs().max() <= 1e-4
-        tokens = generate(model, prompts, model.embed_audio(features, frame_mask), 12)
+        tokens = generate(model, prompts, model.embed_audio(features, frame_mask), 12, stop_at_eos=False)
         for row, (clip, prompt) in enumerate(zip(clips, prompts, strict=True)):
-            alone = generate(model, [prompt], model.embed_audio(clip[None]), 12)
+            alone = generate(model, [prompt], model.embed_audio(clip[None]), 12, stop_at_eos=False)
             assert tokens[row].tolist() == alone[0].tolist()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,7 +12,6 @@ from helpers import AUDIO_TOKEN_ID
 
 import gsopt
 from gsopt.cli import main
-from gsopt.generate import decode_one_token_static, generate
 from gsopt.pipeline import Pipeline, Stages
 from gsopt.recipe import CompiledStage, apply, builtin_recipes, changes_model, load_recipe
 from gsopt.timing import StageTimer
@@ -73,19 +73,6 @@ def test_recipe_tokens_equal_eager(name, eager_tokens):
         assert any("cudagraph needs CUDA" in note for note in stages.notes)
 
 
-def test_static_decode_step_compiles_once():
-    """fullgraph=True; 128 steps and two prompt lengths in one bucket: one graph, no recompiles."""
-    torch._dynamo.reset()
-    model = tiny()
-    counter = torch._dynamo.testing.CompileCounter()
-    step = torch.compile(decode_one_token_static, backend=counter, fullgraph=True)
-    audio = model.embed_audio(torch.randn(1, 40, 160))
-    for extra in ([], [10, 11, 12, 13, 14, 15, 16, 17]):  # prompt lengths 20 and 28
-        prompt = torch.tensor([5, 6, *[AUDIO_TOKEN_ID] * 9, 7, 8, 9, *extra])
-        generate(model, [prompt], audio, 128, decode_step=step)
-    assert counter.frame_count == 1
-
-
 def test_recipe_file_errors(tmp_path):
     cases = {
         'kv_cache = "static"\nwarp_speed = true\n': "unknown key 'warp_speed'.*allowed: name",
@@ -95,6 +82,17 @@ def test_recipe_file_errors(tmp_path):
         '[decode]\nfullgraph = "yes"\n': "fullgraph = 'yes' must be a bool",
         'kv_cache = "paged"\n': "kv_cache = 'paged' is not one of dynamic, static",
         "[decode\n": "not valid TOML",
+        "check_every = 0\n": "check_every = 0 must be at least 1",
+        "check_every = -3\n": "check_every = -3 must be at least 1",
+        "prefill_bucket = 0\n": "prefill_bucket = 0 must be at least 1",
+        "prefill_bucket = -5\n": "prefill_bucket = -5 must be at least 1",
+        'prefill_bucket = "64"\n': "prefill_bucket = '64' must be a int",
+        "max_seq_len = true\n": "max_seq_len = True must be a int",
+        '[decode]\nattention = "math"\n': "attention = 'math' is not one of auto, sdpa, triton",
+        'kv_cache = "static"\n[decode]\nbackend = "compile"\nmode = "reduce-overhead"\n'
+        "cudagraph = true\n": "capture a CUDA graph inside another",
+        "[decode]\ncudagraph = true\n": 'needs kv_cache = "static"',
+        '[prefill]\nbackend = "compile"\n': 'needs kv_cache = "static"',
     }
     for text, message in cases.items():
         path = tmp_path / "mine.toml"
@@ -103,13 +101,6 @@ def test_recipe_file_errors(tmp_path):
             load_recipe(path)
     with pytest.raises(gsopt.GsoptError, match="unknown recipe 'fastest'.*eager"):
         load_recipe("fastest")
-
-
-def test_compiled_prefill_needs_static_cache(tmp_path):
-    path = tmp_path / "bad.toml"
-    path.write_text('kv_cache = "dynamic"\n[decode]\nbackend = "compile"\n')
-    with pytest.raises(gsopt.GsoptError, match='needs kv_cache = "static"'):
-        apply(tiny(), load_recipe(path))
 
 
 def test_apply_command_writes_reports(tmp_path, capsys):
@@ -124,7 +115,7 @@ def test_apply_command_writes_reports(tmp_path, capsys):
             "--max-new-tokens",
             "8",
             "--repeats",
-            "1",
+            "3",
             "--out",
             str(out),
         ]
@@ -140,6 +131,16 @@ def test_apply_command_writes_reports(tmp_path, capsys):
         "decode",
     ]
     assert all(row["eager_ms"] > 0 and row["recipe_ms"] > 0 for row in report["stages"])
+    rows = {row["stage"]: row for row in report["stages"]}
+    for stage in ("frontend", "encoder", "projector"):  # static-kv leaves them as they are
+        assert rows[stage]["changed"] is False and rows[stage]["speedup"] is None
+    for stage in ("prefill", "decode"):
+        row = rows[stage]
+        assert row["changed"] and row["speedup_p10"] <= row["speedup"] <= row["speedup_p90"]
+    assert all(row["compile_s"] == 0 for row in report["stages"])  # nothing compiles
+    e2e = report["end_to_end"]
+    assert e2e["speedup_p10"] <= e2e["speedup"] <= e2e["speedup_p90"]
+    assert "saved_in_changed_stages_ms" in e2e
     assert "| decode" in (out / "report.md").read_text()
     assert not list(out.glob(".*"))  # no temporary files left behind
 
@@ -151,20 +152,36 @@ def test_apply_cuda_without_cuda_is_one_line_error(capsys):
     assert code == 2 and "\n" not in err and "no CUDA device" in err
 
 
+def other_waves():
+    torch.manual_seed(1)
+    return [torch.randn(5000), torch.randn(21000), torch.randn(12000)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "name", ["cudagraph-decoder", "reduce-overhead", "triton-attention", "best"]
+    "name", ["compile-decoder", "cudagraph-decoder", "reduce-overhead", "triton-attention", "best"]
 )
-def test_gpu_recipes_equal_eager_on_gpu(name):
-    """CUDA graphs and the native (not interpreted) Triton kernels give eager's tokens."""
-    model = tiny("cuda")
-    expected = Pipeline(model, Stages.eager(model, "dynamic"))(waves(), TEMPLATE, 24)
-    stages = apply(model, load_recipe(name))
-    pipeline = Pipeline(model, stages)
-    assert torch.equal(pipeline(waves(), TEMPLATE, 24), expected)
-    assert torch.equal(pipeline(waves(), TEMPLATE, 24), expected)  # replays the capture
-    if name == "cudagraph-decoder":
-        assert stages.decode.captures == 1
+def test_gpu_recipes_equal_eager_on_gpu(name, dtype):
+    """CUDA graphs and the native Triton kernels on two input shapes (two batch sizes): fp32
+    gives eager's tokens exactly; bf16 runs other kernels than eager (rounding differs), so
+    it must agree on most tokens. No CUDA graph may be skipped."""
+    model = gsopt.load_model("tiny", device="cuda", dtype=dtype, seed=1)
+    baseline = Pipeline(model, Stages.eager(model, "dynamic"))
+    recipe_model = copy.deepcopy(model)
+    stages = apply(recipe_model, load_recipe(name))
+    pipeline = Pipeline(recipe_model, stages)
+    for inputs in (waves(), other_waves(), waves()):  # the third call replays the captures
+        expected = baseline(inputs, TEMPLATE, 24)
+        tokens = pipeline(inputs, TEMPLATE, 24)
+        if dtype == torch.float32:
+            assert torch.equal(tokens, expected)
+        else:
+            assert (tokens == expected).float().mean() >= 0.5
+    step = getattr(stages.decode, "step", stages.decode)
+    assert getattr(step, "cudagraph_skips", 0) == 0
+    if name in ("cudagraph-decoder", "best"):
+        assert stages.decode.captures == 2  # one per batch size, replayed after
 
 
 def test_pipeline_keeps_live_lora_on_after_a_text_only_call(eager_tokens):
