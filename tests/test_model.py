@@ -19,9 +19,9 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 import gsopt
+from gsopt import fms_decode
 from gsopt.config import from_hf_config, to_hf_config
 from gsopt.encoder import encoder_frame_mask
-from gsopt import fms_decode
 from gsopt.generate import generate
 
 LOGITS_SCALING = 4.0  # transformers 5.x returns logits * this; gsopt divides as Granite does
@@ -138,7 +138,9 @@ def test_batched_clips_equal_each_clip_alone(checkpoint):
         for row, (clip, prompt) in enumerate(zip(clips, prompts, strict=True)):
             alone = model(prompt[None], clip[None])
             assert (batched[row, : len(prompt)] - alone[0]).abs().max() <= 1e-4
-        tokens = generate(model, prompts, model.embed_audio(features, frame_mask), 12, stop_at_eos=False)
+        tokens = generate(
+            model, prompts, model.embed_audio(features, frame_mask), 12, stop_at_eos=False
+        )
         for row, (clip, prompt) in enumerate(zip(clips, prompts, strict=True)):
             alone = generate(model, [prompt], model.embed_audio(clip[None]), 12, stop_at_eos=False)
             assert tokens[row].tolist() == alone[0].tolist()
