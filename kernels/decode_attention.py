@@ -49,7 +49,6 @@ def _decode_split_kernel(
     stride_vn,
     stride_vd,
     max_len,
-    split_len,
     KV_HEADS: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -58,12 +57,16 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Attention of GROUP query heads over one split of one kv head's cache (base-2 lse)."""
+    """Attention of GROUP query heads over one split of one kv head's cache (base-2 lse).
+
+    The row's valid length is cut into NUM_SPLITS whole blocks, so a short row in a large
+    cache still spreads over many programs; splits past the length are empty."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // KV_HEADS).to(tl.int64)  # b * stride_kb can pass 2**31 for a large cache
     kvh = pid % KV_HEADS
     length = tl.minimum(tl.load(Lengths + b).to(tl.int32), max_len)
+    split_len = tl.cdiv(length, NUM_SPLITS * BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, length)
 
@@ -183,29 +186,28 @@ def split_launch(
     dtype: torch.dtype,
     num_splits: int | None,
     num_sms: int,
-) -> tuple[int, dict]:
-    """The split kernel's cache positions per split and its compile-time launch settings.
+) -> dict:
+    """The split kernel's compile-time launch settings.
 
     From shapes alone (never from lengths), so a captured graph stays valid as the cache
-    fills. 64-position tiles with 4 warps compile for Hopper without register spills
-    (`python -m gsopt.kernels.resources`); 128-position tiles spill.
+    fills; the kernel divides each row's own length among the splits. 64-position tiles
+    compile for Hopper without register spills with 8 warps at head dim 128 (4 warps spill
+    8 bytes there; `python -m gsopt.kernels.resources --sweep`); 128-position tiles spill.
     """
     block_n = max(16, min(64, triton.next_power_of_2(max_len)))
     if num_splits is None:
         num_splits = pick_num_splits(batch, kv_heads, max_len, num_sms)
-    # Round each split up to whole blocks, then drop splits that would start past Lmax.
-    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     group = heads // kv_heads
-    return split_len, {
+    return {
         "KV_HEADS": kv_heads,
-        "NUM_SPLITS": triton.cdiv(max_len, split_len),
+        "NUM_SPLITS": max(1, min(num_splits, triton.cdiv(max_len, block_n))),
         "GROUP": group,
         "BLOCK_G": max(16, triton.next_power_of_2(group)),
         "BLOCK_N": block_n,
         "HEAD_DIM": dim,
         # fp32 inputs get fp32 products, not TF32, so fp32 stays a tight reference.
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-        "num_warps": 4,
+        "num_warps": 8 if dim >= 128 else 4,
     }
 
 
@@ -225,7 +227,7 @@ def _decode_attention(
     _check(q, k_cache, v_cache, lengths)
     batch, heads, _, dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
-    split_len, launch = split_launch(
+    launch = split_launch(
         batch, heads, kv_heads, max_len, dim, q.dtype, num_splits, _num_sms(q.device)
     )
     num_splits = launch["NUM_SPLITS"]
@@ -247,7 +249,6 @@ def _decode_attention(
         *k_cache.stride(),
         *v_cache.stride(),
         max_len,
-        split_len,
         **launch,
     )
     wrap_triton(_decode_merge_kernel)[(batch * heads,)](

@@ -102,7 +102,7 @@ def default_launches() -> dict[str, dict]:
     from gsopt.kernels.conformer_attention import conformer_launch
     from gsopt.kernels.decode_attention import split_launch
 
-    _, decode = split_launch(**DECODE, dtype=BF16, num_splits=None, num_sms=H100_SMS)
+    decode = split_launch(**DECODE, dtype=BF16, num_splits=None, num_sms=H100_SMS)
     return {"decode": decode, "conformer": conformer_launch(**CONFORMER, dtype=BF16)}
 
 

@@ -66,6 +66,18 @@ def test_splits_fill_the_gpu_but_stay_long():
     assert pick_num_splits(1, 1, 1 << 20, num_sms=132) == 64
 
 
+def test_short_rows_in_a_large_cache(device, poisoned_empty):
+    """Each row's own length is divided among the splits: rows of 3 and 70 positions in a
+    512-position cache cut into 8 splits still give the reference's result (and the long
+    rows with them)."""
+    q, k, v, lengths = make_inputs(4, 8, 2, 512, 16, torch.float32, device)
+    lengths.copy_(torch.tensor([3, 70, 300, 512]))
+    past = torch.arange(512, device=device)[None, :] >= lengths[:, None]
+    k[past[:, None, :, None].expand_as(k)] = float("nan")
+    out = decode_attention(q, k, v, lengths, 0.25, 8)
+    torch.testing.assert_close(out, decode_attention_ref(q, k, v, lengths, 0.25))
+
+
 def test_compiles_without_graph_break(device):
     q, k, v, lengths = make_inputs(2, 4, 2, 20, 16, torch.float32, device)
 
