@@ -70,10 +70,12 @@ def test_short_rows_in_a_large_cache(device, poisoned_empty):
     """Each row's own length is divided among the splits: rows of 3 and 70 positions in a
     512-position cache cut into 8 splits still give the reference's result (and the long
     rows with them)."""
-    q, k, v, lengths = make_inputs(4, 8, 2, 512, 16, torch.float32, device)
-    lengths.copy_(torch.tensor([3, 70, 300, 512]))
-    past = torch.arange(512, device=device)[None, :] >= lengths[:, None]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, h, n, 16, generator=gen) for h, n in ((8, 1), (2, 512), (2, 512)))
+    lengths = torch.tensor([3, 70, 300, 512])
+    past = torch.arange(512)[None, :] >= lengths[:, None]
     k[past[:, None, :, None].expand_as(k)] = float("nan")
+    q, k, v, lengths = (t.to(device) for t in (q, k, v, lengths))
     out = decode_attention(q, k, v, lengths, 0.25, 8)
     torch.testing.assert_close(out, decode_attention_ref(q, k, v, lengths, 0.25))
 
