@@ -28,6 +28,8 @@ from torch import Tensor, nn
 
 from gsopt.config import CTC_MODEL_TYPE, CTC_VARIANTS, GraniteSpeechCTCConfig
 from gsopt.encoder import ShawBlockAttention, block_valid_lengths, check_frame_mask
+from gsopt.errors import GsoptError
+from gsopt.frontend import HOP_LENGTH
 
 ARCHITECTURE = CTC_MODEL_TYPE
 
@@ -224,7 +226,17 @@ class GraniteSpeechCTC(nn.Module):
         return feature_lengths // self.config.time_reduction
 
     def forward(self, input_features: Tensor, input_features_mask: Tensor | None = None) -> Tensor:
-        """input_features [B, T, 4 * num_mel_bins] -> logits [B, T // time_reduction, vocab]."""
+        """input_features [B, T, 4 * num_mel_bins] -> logits [B, T // time_reduction, vocab].
+
+        T must be at least `time_reduction` (every halving needs a pair of frames); a shorter
+        clip in a longer batch simply has no output frames.
+        """
+        frames, needed = input_features.shape[1], self.config.time_reduction
+        if frames < needed:
+            raise GsoptError(
+                f"input_features has {frames} frame(s), expected at least {needed} (one "
+                f"output frame per {needed}; {needed * 2 * HOP_LENGTH} samples of audio)"
+            )
         frame_mask = check_frame_mask(input_features, input_features_mask)
         weight = self.encoder.input_linear.weight
         hidden = self.encoder(input_features.to(weight.dtype), frame_mask)
