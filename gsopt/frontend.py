@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gsopt.errors import GsoptError
+
 SAMPLE_RATE = 16000  # every Granite Speech checkpoint was trained at 16 kHz
 N_FFT = 512
 WIN_LENGTH = 400
@@ -209,6 +211,11 @@ class LogMelDeltaFrontend(_MelSpectrogram):
         num_frames = (lengths // HOP_LENGTH + 1) // 2 * 2
         extents = torch.maximum(lengths, (num_frames - 1) * HOP_LENGTH + 1)
         row_frames = 2 * num_feature_frames(num_samples)
+        if row_frames == 0:
+            raise GsoptError(
+                f"waveforms have {num_samples} samples, expected at least {HOP_LENGTH} "
+                "(one mel frame)"
+            )
         width = max(num_samples, (row_frames - 1) * HOP_LENGTH + 1)
         samples = torch.arange(width, device=device)
         waves = nn.functional.pad(waveforms.float(), (0, width - num_samples))

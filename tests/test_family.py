@@ -503,3 +503,12 @@ def test_ctc_input_shorter_than_one_output_frame_is_refused(ctc_checkpoint):
     with pytest.raises(gsopt.GsoptError, match=r"has 3 frame\(s\), expected at least 4") as err:
         ctc(torch.randn(1, 3, 320))
     one_line_error(err)
+
+
+def test_delta_frontend_short_input():
+    frontend = LogMelDeltaFrontend()
+    with pytest.raises(gsopt.GsoptError, match="100 samples, expected at least 160") as err:
+        frontend(torch.randn(1, 100))
+    one_line_error(err)
+    features, lengths = frontend(torch.randn(2, 1000), torch.tensor([1000, 100]))
+    assert lengths.tolist() == [3, 0] and torch.all(features[1] == 0)
