@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The work only a GPU can do, in stages that each fit one device call (10 minutes), so a lent
-# GPU's 30 minutes go to measuring. Not yet run: no GPU has been lent to this project so far.
+# The work only a GPU can do, sized for the lent device's minutes (15 in all, 10 a call).
 #
 # Here, once:  bash ../shared/gpu/wheels.sh soxr      (ibm-fms, soundfile, soxr as wheels)
-# Then device calls such as (carry: [".whl"]):
-#   bash bench/gpu.sh tests kernels
-#   bash bench/gpu.sh e2e-2b
-#   REPEATS=5 bash bench/gpu.sh e2e-8b    (fewer timed rounds if 10 would pass the limit)
-# Results are written under bench/results/ there and copied to $OUT; commit them here.
+# Then one device call (carry: [".whl"], timeout_s 540) runs the essentials in about 8 minutes:
+#   bash bench/gpu.sh essentials
+#     1. the CUDA tests: recipes in fp32 and bf16 on tiny, two input shapes each, no CUDA graph
+#        skipped; the native Triton kernels against their references
+#     2. 3.3-2b bf16 at batch 1, 10 s of audio, 64 tokens, 3 rounds: eager, compile-decoder,
+#        cudagraph-decoder and transformers eager, random weights built on the GPU
+# and, if time is left, a second call:
+#   bash bench/gpu.sh extra      (3.3-8b bf16 vs transformers, then the kernel tables)
+# Each part prints its elapsed seconds, so the next run can be sized. Results are written under
+# bench/results/ there and copied to $OUT (file names carry the card's name); commit them here.
 # The image's torch/triton/transformers are used as they are (torch 2.11, triton 3.6 and
 # transformers 5.17 when this was written); every result names the versions it ran with.
 set -uo pipefail
@@ -15,6 +19,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gsopt-gpu}
 mkdir -p "$out" bench/results
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+start=$SECONDS
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || {
   echo "gpu.sh: install failed; run 'bash ../shared/gpu/wheels.sh soxr' here and carry .whl" >&2
@@ -25,41 +30,44 @@ card=$(python3 -c 'import torch; print(torch.cuda.get_device_name().split()[1].l
   echo "gpu.sh: no CUDA device here" >&2
   exit 2
 }
+echo "gpu.sh: installed in $((SECONDS - start)) s on $card"
 
 failed=0
-run() {  # run a step, keep going if it fails, remember that it did
-  echo "+ $*"
-  "$@" || { echo "gpu.sh: FAILED: $*" >&2; failed=1; }
+part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, report its seconds, go on
+  local name=$1 limit=$2 t0=$SECONDS
+  shift 2
+  echo "+ [$name] $*"
+  timeout "$limit" "$@" || { echo "gpu.sh: FAILED ($?): $name" >&2; failed=1; }
+  echo "gpu.sh: [$name] took $((SECONDS - t0)) s (limit $limit s; $((SECONDS - start)) s so far)"
 }
 
-e2e() {  # bench/README.md's batch-1 latency run for one published size
-  local model=$1 name="$card-$1-bf16-30s-b1"
-  run python3 -m gsopt bench --model "$model" --dtype bfloat16 --audio-seconds 30 --batch 1 \
-    --max-new-tokens 128 --recipes eager,static-kv,compile-decoder,cudagraph-decoder,best \
-    --repeats "${REPEATS:-10}" --out "bench/results/$name.json"
-  run python3 -m gsopt report "bench/results/$name.json" --out "bench/results/$name"
-  cp "bench/results/$name.json" "bench/results/$name/report.md" "$out/" 2>/dev/null
-  [ -f "$out/report.md" ] && mv "$out/report.md" "$out/$name.md"
+e2e() {  # e2e MODEL LIMIT_S: batch-1 latency, gsopt's recipes beside transformers eager
+  local model=$1 name="$card-$1-bf16-10s-b1-n64"
+  part "e2e $model" "$2" python3 -m gsopt bench --model "$model" --dtype bfloat16 \
+    --audio-seconds 10 --batch 1 --max-new-tokens 64 --repeats "${REPEATS:-3}" \
+    --recipes eager,compile-decoder,cudagraph-decoder --peers transformers-eager \
+    --out "bench/results/$name.json"
+  python3 -m gsopt report "bench/results/$name.json" --out "bench/results/$name" &&
+    cp "bench/results/$name.json" "$out/" && cp "bench/results/$name/report.md" "$out/$name.md"
 }
 
 for stage in "$@"; do
   case $stage in
-    tests)  # every CUDA-only test: the kernels natively, the recipes' tokens on the GPU
-      run python3 -m pytest -q -rs tests/kernels tests/test_recipes.py \
-        --junitxml="$out/tests-$card.xml"
+    essentials)
+      part tests 200 python3 -m pytest -q -rs tests/test_recipes.py \
+        tests/kernels/test_decode_attention.py --junitxml="$out/tests-$card.xml"
+      e2e 3.3-2b 260
       ;;
-    kernels)  # issue 5's tables: plain launches and captured-graph replays
-      run python3 bench/bench_kernels.py --out "bench/results/kernels-$card-bf16.md"
-      run python3 bench/bench_kernels.py --cuda-graph \
-        --out "bench/results/kernels-$card-bf16-cudagraph.md"
+    extra)
+      e2e 3.3-8b 330
+      part kernels 200 python3 bench/bench_kernels.py --out "bench/results/kernels-$card-bf16.md"
       cp bench/results/kernels-"$card"-* "$out/" 2>/dev/null
       ;;
-    e2e-2b) e2e 3.3-2b ;;
-    e2e-8b) e2e 3.3-8b ;;
     *)
-      echo "gpu.sh: unknown stage '$stage' (use tests, kernels, e2e-2b or e2e-8b)" >&2
+      echo "gpu.sh: unknown stage '$stage' (use essentials or extra)" >&2
       exit 2
       ;;
   esac
 done
+echo "gpu.sh: done in $((SECONDS - start)) s"
 exit $failed

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gsopt.apply import default_model, environment, prompt_template, write_atomic
+from gsopt.apply import default_model, environment, prompt_template, to_json, write_atomic
 from gsopt.audio import sample_audio
-from gsopt.checkpoint import load_model
+from gsopt.checkpoint import from_hf_state_dict, load_config, load_model
 from gsopt.config import VARIANTS, GraniteSpeechConfig, to_hf_config
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE, LogMelFrontend, num_audio_tokens
@@ -108,21 +106,22 @@ def roofline(step_bytes: int, step_s: float, ceiling_Bps: float) -> dict[str, fl
     }
 
 
-def reference_pair(source: str, folder: Path, device: torch.device, dtype: torch.dtype):
-    """(gsopt model, transformers model) holding identical weights. A variant name gets
-    random transformers weights saved to `folder` first, so gsopt loads exactly those; a
-    checkpoint folder is loaded by both. The LoRA adapter is left out on both sides."""
+def reference_pair(source: str, device: torch.device, dtype: torch.dtype, with_peer: bool = True):
+    """(gsopt model, transformers model or None) holding identical weights. A variant gets
+    random transformers weights built on the device, and gsopt's model is made from that
+    state dict in memory (no multi-GB save and load); a checkpoint folder is loaded by both.
+    The LoRA adapter is left out on both sides."""
     from transformers import GraniteSpeechForConditionalGeneration as HFModel
 
-    if source in VARIANTS:
-        torch.manual_seed(0)
-        with torch.device(device):
-            hf = HFModel._from_config(to_hf_config(VARIANTS[source]), dtype=dtype)
-        hf.save_pretrained(folder)
-    else:
-        hf = HFModel.from_pretrained(source, dtype=dtype).to(device)
-        folder = Path(source)
-    return load_model(folder, device=device, dtype=dtype, lora="none"), hf.eval()
+    if source not in VARIANTS:
+        model = load_model(source, device=device, dtype=dtype, lora="none")
+        hf = HFModel.from_pretrained(source, dtype=dtype).to(device) if with_peer else None
+        return model, hf.eval() if hf is not None else None
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = HFModel._from_config(to_hf_config(VARIANTS[source]), dtype=dtype).eval()
+    model = from_hf_state_dict(VARIANTS[source], hf.state_dict(), dtype).eval()
+    return model, hf if with_peer else None
 
 
 def clip(seconds: float) -> torch.Tensor:
@@ -251,7 +250,7 @@ def peer_runner(hf, peer: str, waves, template, new_tokens: int):
 
 
 def _point_rows(
-    model, hf, recipes, dtype_name, seconds, batch, new_tokens, args, device, bar
+    model, hf, peers, recipes, dtype_name, seconds, batch, new_tokens, args, device, bar
 ) -> list[dict[str, Any]]:
     waves = [clip(seconds)] * batch
     template = prompt_template(model.config)
@@ -261,7 +260,7 @@ def _point_rows(
     step_bytes = decode_step_bytes(
         model.config, batch, prompt_len + new_tokens // 2, DTYPES[dtype_name]
     )
-    names = ([*PEERS] if hf is not None else []) + recipes
+    names = [*peers, *recipes]
     rows = {
         name: dict(
             name=name,
@@ -342,12 +341,25 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         }
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _numbers(flag: str, text: str, kind: type, minimum: float) -> list:
+    """A comma list of numbers, each at least `minimum` (one-line errors otherwise)."""
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise GsoptError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if not values or min(values) < minimum:
+        raise GsoptError(f"{flag} {text!r}: every value must be at least {minimum}")
+    return values
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+def _peers(text: str) -> list[str]:
+    names = [] if text == "none" else [p for p in text.split(",") if p]
+    for name in names:
+        if name not in PEERS:
+            raise GsoptError(
+                f"--peers: unknown peer {name!r}; choose from {', '.join(PEERS)}, none"
+            )
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -362,27 +374,33 @@ def run(args: argparse.Namespace) -> int:
     for name in recipes:
         load_recipe(name)  # unknown names fail before any model is built
     if args.repeats < 1:
-        raise GsoptError("--repeats must be at least 1")
-    if source not in VARIANTS and not Path(source).is_dir():
-        raise GsoptError(f"{source}: neither a variant ({', '.join(VARIANTS)}) nor a folder")
-    seconds, batches, new_tokens = (
-        _floats(args.audio_seconds),
-        _ints(args.batch),
-        _ints(args.max_new_tokens),
-    )
+        raise GsoptError(f"--repeats must be at least 1, got {args.repeats}")
+    config = load_config(source)
+    peers = _peers(args.peers)
+    seconds = _numbers("--audio-seconds", args.audio_seconds, float, 0.1)
+    batches = _numbers("--batch", args.batch, int, 1)
+    new_tokens = _numbers("--max-new-tokens", args.max_new_tokens, int, 1)
+    template = prompt_template(config)
+    for s, n in [(max(seconds), max(new_tokens))]:
+        positions = len(template) - 1 + config.audio_tokens(int(s * SAMPLE_RATE)) + n
+        if positions > config.decoder.max_expected_seq_len:
+            raise GsoptError(
+                f"--audio-seconds {s:g} with --max-new-tokens {n} needs {positions} decoder "
+                f"positions; this model has {config.decoder.max_expected_seq_len}: use "
+                "shorter audio or fewer new tokens"
+            )
     points = [(s, b, n) for s in seconds for b in batches for n in new_tokens]
-    per_point = len(recipes) + (len(PEERS) if args.peers else 0)
+    per_point = len(recipes) + len(peers)
     rows: list[dict[str, Any]] = []
     calls = len(dtypes) * len(points) * per_point * (args.repeats + 1)
     with tqdm(total=calls, file=sys.stderr, desc="bench", unit="call") as bar:
         for dtype_name in dtypes:
-            with tempfile.TemporaryDirectory() as tmp:
-                model, hf = reference_pair(source, Path(tmp), device, DTYPES[dtype_name])
-                if not args.peers:
-                    hf = None
-                for s, b, n in points:
-                    rows += _point_rows(model, hf, recipes, dtype_name, s, b, n, args, device, bar)
-                del model, hf
+            model, hf = reference_pair(source, device, DTYPES[dtype_name], with_peer=bool(peers))
+            for s, b, n in points:
+                rows += _point_rows(
+                    model, hf, peers, recipes, dtype_name, s, b, n, args, device, bar
+                )
+            del model, hf
     result = {
         "schema": SCHEMA,
         "environment": environment(device),
@@ -396,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
             "repeats": args.repeats,
             "warmup_calls": 1,
             "order": "interleaved: each round calls every row of a sweep point once",
-            "peers": bool(args.peers),
+            "peers": peers,
             "decoding": "fixed length: eos ignored (gsopt eos_id=None, transformers "
             "min_new_tokens=max_new_tokens)",
             "lora": "none on both sides (transformers' model is built without the adapter)",
@@ -408,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows,
     }
     out = Path(args.out)
-    write_atomic(out, json.dumps(result, indent=2) + "\n")
+    write_atomic(out, to_json(result))
     print(f"wrote {out} ({len(rows)} rows)")
     return 0
 
@@ -427,9 +445,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=Path, help="folder for a Chrome trace per recipe")
     parser.add_argument(
         "--peers",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time transformers eager and static+compile on the same weights",
+        default=",".join(PEERS),
+        help="transformers baselines timed on the same weights: a comma list of "
+        f"{', '.join(PEERS)}, or none",
     )
+    parser.add_argument("--no-peers", dest="peers", action="store_const", const="none")
     parser.set_defaults(run=run)
     return parser

@@ -90,8 +90,10 @@ def _index_aware(load_state_dict):
     can win), and granite-speech-4.1's `out_llm.safetensors` names its tensors `weight` and
     `bias`. For Granite Speech folders, read the indexed shards (or model.safetensors) and
     the BPE CTC head under its module's name (checked against config.json); every other call
-    goes to FMS unchanged. A model built without the head (a variant other than 4.1-2b, or
-    `encoder={"bpe_output_dim": 0}`) leaves the head's tensors unused, as FMS warns."""
+    goes to FMS unchanged. FMS builds the model from the variant before it sees the files,
+    and variants describe config.json only, so ask for the head with
+    `get_model(..., encoder={"bpe_output_dim": 100353})`; without it the head's tensors are
+    left unused, as FMS warns."""
 
     @functools.wraps(load_state_dict)
     def load(model_path, *, source=None, initial_device=_CPU, **kwargs):
@@ -265,22 +267,36 @@ def load_checkpoint(
 ) -> GraniteSpeech | GraniteSpeechCTC:
     config = load_config(folder)
     tensors = _read_tensors(weight_files(folder))
+    adapter = None
+    if not isinstance(config, GraniteSpeechCTCConfig):
+        adapter = _adapter(folder)
+        if config.encoder.bpe_output_dim:
+            tensors.update(_read_out_llm(folder))
+    model = from_hf_state_dict(config, tensors, dtype)
+    if adapter is not None:
+        attach_audio_lora(model, adapter, lora)
+    return model
+
+
+def from_hf_state_dict(
+    config: GraniteSpeechConfig | GraniteSpeechCTCConfig,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> GraniteSpeech | GraniteSpeechCTC:
+    """A model from a Hugging Face state dict, on the tensors' device (a checkpoint's read
+    from disk, or a transformers model's own, with no round trip through files)."""
     if isinstance(config, GraniteSpeechCTCConfig):
         with torch.device("meta"):
             model: GraniteSpeech | GraniteSpeechCTC = GraniteSpeechCTC(config)
-        architecture, adapter = ctc.ARCHITECTURE, None
+        architecture = ctc.ARCHITECTURE
     else:
         with torch.device("meta"):
             model = GraniteSpeech(config)
-        architecture, adapter = ARCHITECTURE, _adapter(folder)
-        if config.encoder.bpe_output_dim:
-            tensors.update(_read_out_llm(folder))
+        architecture = ARCHITECTURE
     state_dict = serialization.get_adapted(architecture, "hf", tensors, {"model_config": config})
     _check_state_dict(model, state_dict)
     model.load_state_dict(_cast(model, state_dict, dtype), strict=False, assign=True)
     model.post_init()
-    if adapter is not None:
-        attach_audio_lora(model, adapter, lora)
     return model
 
 

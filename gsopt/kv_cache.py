@@ -178,41 +178,32 @@ def _attend_cache(
 
 
 def _decode_sdpa(
-    query,
-    key_cache,
-    value_cache,
-    nheads,
-    kvheads,
-    p_dropout,
-    scale,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    nheads: int,
+    kvheads: int,
+    p_dropout: float,
+    scale: float,
     *,
-    cache_positions,
-    kv_index,
+    cache_positions: torch.Tensor,
+    kv_index: torch.Tensor,
     **_,
-):
+) -> torch.Tensor:
     return _attend_cache(query, key_cache, value_cache, kvheads, scale, cache_positions, kv_index)
 
 
 def _decode_triton(
-    query,
-    key_cache,
-    value_cache,
-    nheads,
-    kvheads,
-    p_dropout,
-    scale,
-    *,
-    cache_positions,
-    kv_index,
-    **_,
-):
-    if query.shape[1] != 1:  # a verification step: several queries per row
-        return _attend_cache(
-            query, key_cache, value_cache, kvheads, scale, cache_positions, kv_index
+    query, key_cache, value_cache, nheads, kvheads, p_dropout, scale, **kwargs
+) -> torch.Tensor:
+    """The kernel for one query per row; a verification step (several) goes to SDPA."""
+    if query.shape[1] != 1:
+        return _decode_sdpa(
+            query, key_cache, value_cache, nheads, kvheads, p_dropout, scale, **kwargs
         )
     from gsopt.kernels.decode_attention import decode_attention
 
-    lengths = cache_positions[:, 0] + 1
+    lengths = kwargs["cache_positions"][:, 0] + 1
     out = decode_attention(query.transpose(1, 2), key_cache, value_cache, lengths, scale)
     return out.transpose(1, 2)
 

@@ -97,10 +97,15 @@ def test_report_refuses_non_bench_json(tmp_path):
         _run(report, ["report", str(path), "--out", str(tmp_path)])
 
 
-def test_reference_pair_shares_weights(tmp_path):
-    model, hf = bench.reference_pair("tiny", tmp_path, torch.device("cpu"), torch.float32)
+def test_reference_pair_shares_weights():
+    """Built in memory (no save and load): the same head, and the same logits."""
+    model, hf = bench.reference_pair("tiny", torch.device("cpu"), torch.float32)
     head = dict(hf.named_parameters())["lm_head.weight"]
     assert torch.equal(model.decoder.head.weight, head)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits / model.config.decoder.logits_scaling
+        assert (model(ids) - expected).abs().max() <= 1e-4
 
 
 def test_decode_step_bytes_hand_count():
