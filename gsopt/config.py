@@ -203,7 +203,8 @@ VARIANTS: dict[str, GraniteSpeechConfig] = {
     # hidden 2048, ffn 4096, 16 heads, 4 kv heads, vocab 100353, multipliers 12 / 0.22 /
     # 0.0078125 / 8; 2.31B parameters, untied head). rope_theta 1e4 and eos 100257
     # (<|end_of_text|>) as in the public granite_speech_4_1_2b_plus recipe of KerasFormers.
-    # Its BPE CTC head (out_llm.safetensors, Linear 1024 -> 100353) is found by the loader.
+    # Its BPE CTC head (out_llm.safetensors, Linear 1024 -> 100353) is not in config.json, so
+    # not in the variant (bpe_output_dim 0): gsopt.load_model(folder) adds it when present.
     "4.1-2b": GraniteSpeechConfig(
         encoder=ConformerConfig(output_dim=348),
         decoder=_decoder(**_GRANITE_4_DECODER),
