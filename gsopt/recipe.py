@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gsopt.encoder import BLOCK_ATTENTION, ConformerAttention, set_block_attention
+from gsopt.encoder import BLOCK_ATTENTION, ShawBlockAttention, set_block_attention
 from gsopt.errors import GsoptError
 from gsopt.kv_cache import ATTENTION_OPS
 from gsopt.lora import merge_audio_lora_
@@ -39,6 +39,8 @@ KV_CACHES = ("dynamic", "static")
 LORAS = ("live", "merged")
 # Which stages take which stage-specific knob.
 STAGE_KNOBS = {"attention": ("encoder", "decode"), "cudagraph": ("decode",)}
+# Device types a recipe can hold its own settings for.
+DEVICE_TYPES = ("cpu", "cuda")
 # Smallest allowed value of each numeric setting.
 MINIMUM = {"check_every": 1, "prefill_bucket": 1, "max_seq_len": 1}
 
@@ -76,6 +78,12 @@ class Recipe:
     projector: StageRecipe = field(default_factory=StageRecipe)
     prefill: StageRecipe = field(default_factory=StageRecipe)
     decode: StageRecipe = field(default_factory=StageRecipe)
+    # The whole recipe as it runs on each device type that has a [cpu] or [cuda] table.
+    devices: dict[str, Recipe] = field(default_factory=dict, hash=False)
+
+    def for_device(self, device_type: str) -> Recipe:
+        """What runs on `device_type`: the recipe with that device's table applied."""
+        return self.devices.get(device_type, self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,7 +144,7 @@ class EncoderAttention:
         return any(
             m.block_attention is not impl
             for m in model.encoder.modules()
-            if isinstance(m, ConformerAttention)
+            if isinstance(m, ShawBlockAttention)
         )
 
     def __call__(self, model) -> None:
@@ -161,6 +169,7 @@ def model_transforms(recipe: Recipe, device: torch.device | None = None) -> list
 
 def changes_model(model: torch.nn.Module, recipe: Recipe) -> bool:
     device = model.decoder.head.weight.device
+    recipe = recipe.for_device(device.type)
     return any(t.changes(model) for t in model_transforms(recipe, device))
 
 
@@ -209,13 +218,38 @@ def _stage(where: str, stage: str, table: Any) -> StageRecipe:
     return settings
 
 
+def _merged(base: dict[str, Any], table: Any, where: str) -> dict[str, Any]:
+    """`base` with a device table's keys on top (stage tables merged key by key)."""
+    if not isinstance(table, dict):
+        raise GsoptError(f"{where} must be a table")
+    merged = dict(base)
+    for key, value in table.items():
+        if key in DEVICE_TYPES:
+            raise GsoptError(f"{where}: a device table cannot hold another ([{key}])")
+        if key in STAGES and isinstance(value, dict) and isinstance(base.get(key), dict):
+            value = {**base[key], **value}
+        merged[key] = value
+    return merged
+
+
 def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
-    top = [f.name for f in dataclasses.fields(Recipe) if f.name not in STAGES]
+    """A recipe from its TOML tables. `[cpu]` and `[cuda]` tables override any setting on
+    that device type (vLLM-style presets: `best` is what measured best on each)."""
+    base = {"name": Path(where).stem, **{k: v for k, v in data.items() if k not in DEVICE_TYPES}}
+    devices = {
+        device: _parse(_merged(base, data[device], f"{where} [{device}]"), f"{where} [{device}]")
+        for device in DEVICE_TYPES
+        if device in data
+    }
+    return dataclasses.replace(_parse(base, where), devices=devices)
+
+
+def _parse(data: dict[str, Any], where: str) -> Recipe:
+    top = [f.name for f in dataclasses.fields(Recipe) if f.name not in (*STAGES, "devices")]
+    allowed = top + list(STAGES) + list(DEVICE_TYPES)
     for key in data:
-        if key not in top and key not in STAGES:
-            raise GsoptError(
-                f"{where}: unknown key {key!r}; allowed: {', '.join(top + list(STAGES))}"
-            )
+        if key not in allowed:
+            raise GsoptError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
     defaults = Recipe(name="")
     fields = {}
     for key, value in data.items():
@@ -224,7 +258,6 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
         else:
             _check_value(where, key, value, getattr(defaults, key))
             fields[key] = value
-    fields.setdefault("name", Path(where).stem)
     recipe = Recipe(**fields)
     if recipe.kv_cache == "dynamic":
         for stage in ("prefill", "decode"):
@@ -332,12 +365,36 @@ def _portable(stage: str, settings: StageRecipe, cuda: bool, notes: list[str]) -
     return dataclasses.replace(settings, **changes)
 
 
-def _wrap(fn, settings: StageRecipe):
+# Weight-times-few-rows products the CPU decode step computes as inductor reductions: MKL's
+# sgemv reads fp32 weights at about half the memory's rate (17 vs 34 GB/s measured on a
+# 2-core AVX-512 EPYC), inductor's vectorised reduction at nearly all of it.
+CPU_GEMV_MAX_ROWS = 8
+
+
+def _cpu_gemv_as_reduction() -> dict[str, Any]:
+    """Inductor options for a CPU decode step: its own memory-bound-mm decomposition, with
+    the row limit raised from 1 (batch 1 only) to CPU_GEMV_MAX_ROWS and no limit on the
+    weight's size (the module reads its limits as globals, so they are set there)."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_
+
+    pass_.cpu_max_first_dimension_decomposition = CPU_GEMV_MAX_ROWS
+    pass_.cpu_max_other_dimension_decomposition = 1 << 31
+    return {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+
+
+def _wrap(fn, settings: StageRecipe, memory_bound_on_cpu: bool = False):
+    """Eager, compiled or captured, as the stage's settings say. A memory-bound step
+    (decode, verify) compiled for the CPU reads its weights through inductor reductions."""
     if settings.backend == "eager":
         return fn
     kwargs: dict[str, Any] = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic)
-    if settings.mode != "default":
+    options = _cpu_gemv_as_reduction() if memory_bound_on_cpu else {}
+    if settings.mode != "default" and options:
+        options.update(torch._inductor.list_mode_options(settings.mode))
+    elif settings.mode != "default":
         kwargs["mode"] = settings.mode
+    if options:
+        kwargs["options"] = options
     compiled = CompiledStage(fn, **kwargs)
     if settings.cudagraph:
         from gsopt.cudagraph import CUDAGraphStep
@@ -375,6 +432,7 @@ def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
     """Transform `model` as the recipe says and return its stages (eager, compiled or captured)."""
     device = model.decoder.head.weight.device
     cuda = device.type == "cuda"
+    recipe = recipe.for_device(device.type)
     notes: list[str] = []
     settings = {s: _portable(s, getattr(recipe, s), cuda, notes) for s in STAGES}
     changed = _changed_stages(recipe, settings)
@@ -395,6 +453,11 @@ def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
     # A captured step replays fixed shapes: it attends over the whole cache, masked.
     stages.fixed_span = settings["decode"].captured
     for stage in STAGES:
-        setattr(stages, stage, _wrap(getattr(stages, stage), settings[stage]))
-    stages.verify = _wrap(stages.verify, settings["decode"])  # the decode step, k tokens wide
+        setattr(
+            stages,
+            stage,
+            _wrap(getattr(stages, stage), settings[stage], stage == "decode" and not cuda),
+        )
+    # The decode step, k tokens wide.
+    stages.verify = _wrap(stages.verify, settings["decode"], not cuda)
     return stages

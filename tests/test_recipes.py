@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from gsopt.recipe import CompiledStage, apply, builtin_recipes, changes_model, l
 from gsopt.timing import StageTimer
 
 TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
-CUDA_ONLY = {"cudagraph-decoder", "reduce-overhead", "best"}
+CUDA_ONLY = {"cudagraph-decoder", "reduce-overhead"}
 
 
 def tiny(device="cpu"):
@@ -231,3 +232,49 @@ def test_serving_timer_times_the_decode_loop_once():
     assert len(per_step.times["decode"]) == 11
     assert len(serving.times["decode"]) == 1
     assert len(serving.times["prefill"]) == 1
+
+
+def test_device_tables_override_per_device(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        'kv_cache = "static"\n[decode]\nbackend = "compile"\n'
+        "[cuda]\naudio_buckets = true\n[cuda.decode]\ncudagraph = true\n"
+        "[cpu]\ncheck_every = 4\n"
+    )
+    recipe = load_recipe(path)
+    cuda, cpu = recipe.for_device("cuda"), recipe.for_device("cpu")
+    assert cuda.decode.backend == "compile" and cuda.decode.cudagraph and cuda.audio_buckets
+    assert not cpu.decode.cudagraph and not cpu.audio_buckets and cpu.check_every == 4
+    assert cpu.name == cuda.name == "mine"
+    best = load_recipe("best")
+    assert best.for_device("cuda").decode.cudagraph and not best.for_device("cpu").decode.cudagraph
+    for text, message in {
+        "[cuda]\nwarp = 1\n": r"mine.toml \[cuda\]: unknown key 'warp'",
+        '[cpu.decode]\nbackend = "jit"\n': r"\[cpu\] \[decode\]: backend = 'jit'",
+        "[cpu]\n[cpu.cuda]\ncheck_every = 2\n": "cannot hold another",
+    }.items():
+        path.write_text(text)
+        with pytest.raises(gsopt.GsoptError, match=message):
+            load_recipe(path)
+
+
+def test_cpu_decode_step_reads_weights_through_reductions():
+    """MKL's sgemv reads fp32 weights at about half the memory's rate here: a compiled CPU
+    decode step must not call it (extern mm/addmm) for its weight products."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = tiny()
+    stages = apply(model, load_recipe("compile-decoder"))
+    record: dict[str, tuple] = {}
+    Pipeline(model, Stages.eager(model, "static"))(waves(), TEMPLATE, 3, record=record)
+    with torch.no_grad():
+        _, codes = run_and_get_code(stages.decode, *record["decode"])
+    code = "\n".join(codes)
+    assert "def call" in code
+    assert not re.search(r"extern_kernels\.(mm|addmm|bmm)\(", code)
+    plain = torch.compile(Stages.eager(model, "static").decode)  # MKL's products, for contrast
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, codes = run_and_get_code(plain, *record["decode"])
+    assert re.search(r"extern_kernels\.(mm|addmm)\(", "\n".join(codes))
