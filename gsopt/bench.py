@@ -415,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
             "warmup_calls": 1,
             "order": "interleaved: each round calls every row of a sweep point once",
             "peers": peers,
-            "decoding": "fixed length: eos ignored (gsopt eos_id=None, transformers "
+            "decoding": "fixed length: eos ignored (gsopt stop_at_eos=False, transformers "
             "min_new_tokens=max_new_tokens)",
             "lora": "none on both sides (transformers' model is built without the adapter)",
             "audio": "bundled sample clip tiled/cropped to each length; batch = B copies",
