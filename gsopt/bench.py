@@ -27,11 +27,12 @@ from gsopt.apply import default_model, environment, prompt_template, to_json, wr
 from gsopt.audio import sample_audio
 from gsopt.checkpoint import from_hf_state_dict, load_config, load_model
 from gsopt.config import VARIANTS, GraniteSpeechConfig, to_hf_config
+from gsopt.drafts import oracle
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE, LogMelFrontend, num_audio_tokens
 from gsopt.measure import Call, interleave, pipeline_runner, stats_ms
 from gsopt.pipeline import STAGES, Pipeline, prompt_for
-from gsopt.recipe import apply, changes_model, load_recipe
+from gsopt.recipe import apply, changes_model, load_draft_model, load_recipe
 from gsopt.runtime import DTYPES, resolve_device
 from gsopt.timing import StageTimer
 
@@ -153,11 +154,16 @@ def _summary(calls: list[Call], audio_s: float, tokens: int) -> dict[str, Any]:
     steady = calls[1:]
     totals = [c.total for c in steady]
     median_s = statistics.median(totals)
+    steps = [t for c in steady for t in c.stages.get("decode", [])]
     return {
         "stages": {
-            s: stats_ms([c.stage_s(s) for c in steady]) for s in STAGES if s in calls[0].stages
+            s: stats_ms([c.stage_s(s) for c in steady])
+            for s in (*STAGES, "ctc")
+            if s in calls[0].stages
         },
-        "decode_ms_per_token": stats_ms([t for c in steady for t in c.stages.get("decode", [])]),
+        # Per decoder forward after the prompt (a speculative row verifies several tokens in
+        # one; with a perfect draft it may need none).
+        "decode_ms_per_token": stats_ms(steps) if steps else None,
         "end_to_end": {
             **stats_ms(totals),
             "first_ms": 1e3 * calls[0].total,
@@ -169,14 +175,28 @@ def _summary(calls: list[Call], audio_s: float, tokens: int) -> dict[str, Any]:
     }
 
 
-def recipe_runner(model, recipe_name: str, waves, template, new_tokens: int):
-    """A recipe's pipeline as a runner, and its fallback notes. A recipe that transforms the
-    model gets a copy, so every row starts from the same model."""
+def recipe_runner(model, recipe_name: str, waves, template, new_tokens: int, **options):
+    """A recipe's pipeline as a runner, and the pipeline (its notes and speculation stats).
+    A recipe that transforms the model gets a copy, so every row starts from the same model.
+    `options`: `draft_model` for apply, `drafts` for each call."""
     recipe = load_recipe(recipe_name)
     if changes_model(model, recipe):
         model = copy.deepcopy(model)
-    stages = apply(model, recipe)
-    return pipeline_runner(Pipeline(model, stages), waves, template, new_tokens), stages.notes
+    pipeline = Pipeline(model, apply(model, recipe, options.get("draft_model")))
+    drafts = {"drafts": options["drafts"]} if options.get("drafts") is not None else {}
+    return pipeline_runner(pipeline, waves, template, new_tokens, **drafts), pipeline
+
+
+def row_names(recipes: list[str], accuracies: list[float]) -> list[str]:
+    """Each recipe, and for a CTC-drafting speculative recipe also one row per oracle draft
+    accuracy, named RECIPE@ACCURACY."""
+    names = []
+    for name in recipes:
+        names.append(name)
+        spec = load_recipe(name).speculate
+        if spec is not None and spec.draft in ("ctc", "ctc-bpe"):
+            names += [f"{name}@{accuracy:g}" for accuracy in accuracies]
+    return names
 
 
 class _StepClock:
@@ -250,7 +270,18 @@ def peer_runner(hf, peer: str, waves, template, new_tokens: int):
 
 
 def _point_rows(
-    model, hf, peers, recipes, dtype_name, seconds, batch, new_tokens, args, device, bar
+    model,
+    hf,
+    peers,
+    recipes,
+    dtype_name,
+    seconds,
+    batch,
+    new_tokens,
+    args,
+    device,
+    bar,
+    draft_model=None,
 ) -> list[dict[str, Any]]:
     waves = [clip(seconds)] * batch
     template = prompt_template(model.config)
@@ -260,7 +291,12 @@ def _point_rows(
     step_bytes = decode_step_bytes(
         model.config, batch, prompt_len + new_tokens // 2, DTYPES[dtype_name]
     )
-    names = [*peers, *recipes]
+    names = [*peers, *row_names(recipes, args.draft_accuracy)]
+    # Oracle drafts come from the clip's own greedy output (random weights make real CTC
+    # drafts noise); a fixed seed per accuracy.
+    greedy = None
+    if any("@" in name for name in names):
+        greedy = Pipeline(model)(waves, template, new_tokens).tolist()
     rows = {
         name: dict(
             name=name,
@@ -283,15 +319,30 @@ def _point_rows(
         rows[name]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
     torch._dynamo.reset()
-    runners = {}
+    runners, pipelines = {}, {}
     for name in names:
         try:
             if name in PEERS:
                 runners[name] = peer_runner(hf, name, waves, template, new_tokens)
             else:
-                runners[name], rows[name]["notes"] = recipe_runner(
-                    model, name, waves, template, new_tokens
+                recipe, _, accuracy = name.partition("@")
+                drafts = None
+                if accuracy:
+                    vocab = model.config.decoder.src_vocab_size
+                    drafts = oracle(
+                        greedy, float(accuracy), vocab, seed=round(100 * float(accuracy))
+                    )
+                    rows[name]["draft_accuracy"] = float(accuracy)
+                runners[name], pipelines[name] = recipe_runner(
+                    model,
+                    recipe,
+                    waves,
+                    template,
+                    new_tokens,
+                    drafts=drafts,
+                    draft_model=draft_model,
                 )
+                rows[name]["notes"] = pipelines[name].stages.notes
         except Exception as e:
             failed(name, e)
     peaks = dict.fromkeys(runners, 0)
@@ -317,8 +368,15 @@ def _point_rows(
             continue
         row.update(_summary(calls[name], audio_s, tokens))
         row["peak_memory_bytes"] = peaks[name]
-        step_s = row["decode_ms_per_token"]["median_ms"] / 1e3
-        row["roofline"] = roofline(step_bytes, step_s, ceiling.best)
+        if row["decode_ms_per_token"] is not None:
+            step_s = row["decode_ms_per_token"]["median_ms"] / 1e3
+            row["roofline"] = roofline(step_bytes, step_s, ceiling.best)
+        pipeline = pipelines.get(name)
+        if pipeline is not None and pipeline.stages.speculation is not None:
+            row["speculation"] = {
+                key: value / len(calls[name]) if key not in ("tokens_per_forward",) else value
+                for key, value in pipeline.speculation_stats.to_json().items()
+            }
         if args.profile is not None and name not in PEERS:
             with torch.profiler.profile() as prof:  # every stage is a named range (gsopt/STAGE)
                 call(annotate=True)
@@ -390,17 +448,27 @@ def run(args: argparse.Namespace) -> int:
                 "shorter audio or fewer new tokens"
             )
     points = [(s, b, n) for s in seconds for b in batches for n in new_tokens]
-    per_point = len(recipes) + len(peers)
+    args.draft_accuracy = (
+        _numbers("--draft-accuracy", args.draft_accuracy, float, 0.0) if args.draft_accuracy else []
+    )
+    if any(a > 1 for a in args.draft_accuracy):
+        raise GsoptError("--draft-accuracy: every value must be at most 1")
+    per_point = len(row_names(recipes, args.draft_accuracy)) + len(peers)
     rows: list[dict[str, Any]] = []
     calls = len(dtypes) * len(points) * per_point * (args.repeats + 1)
     with tqdm(total=calls, file=sys.stderr, desc="bench", unit="call") as bar:
         for dtype_name in dtypes:
             model, hf = reference_pair(source, device, DTYPES[dtype_name], with_peer=bool(peers))
+            draft = None
+            if args.draft_model is not None:
+                draft = load_draft_model(
+                    args.draft_model, config, device=device, dtype=DTYPES[dtype_name]
+                )
             for s, b, n in points:
                 rows += _point_rows(
-                    model, hf, peers, recipes, dtype_name, s, b, n, args, device, bar
+                    model, hf, peers, recipes, dtype_name, s, b, n, args, device, bar, draft
                 )
-            del model, hf
+            del model, hf, draft
     result = {
         "schema": SCHEMA,
         "environment": environment(device),
@@ -450,5 +518,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         f"{', '.join(PEERS)}, or none",
     )
     parser.add_argument("--no-peers", dest="peers", action="store_const", const="none")
+    parser.add_argument(
+        "--draft-accuracy",
+        metavar="LIST",
+        help="for each CTC-drafting speculative recipe, also rows with oracle drafts: the "
+        "clip's own greedy output with this fraction of tokens kept (comma list, e.g. "
+        "1.0,0.9,0.7,0)",
+    )
+    parser.add_argument(
+        "--draft-model", metavar="DIR|VARIANT", help="the draft model of speculative-draft"
+    )
     parser.set_defaults(run=run)
     return parser

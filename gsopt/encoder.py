@@ -260,6 +260,13 @@ class ConformerEncoder(nn.Module):
 
     def forward(self, features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
         """frame_mask: [B, T] bool, a prefix of True per clip (see `encoder_frame_mask`)."""
+        return self.forward_with_posteriors(features, frame_mask)[0]
+
+    def forward_with_posteriors(
+        self, features: Tensor, frame_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The output and the middle block's CTC posteriors [B, T, output_dim] (the softmax
+        its feedback adds back): the BPE CTC draft weighs frames by their blank probability."""
         frame_mask = check_frame_mask(features, frame_mask)
         block_mask = frame_mask
         if block_mask is None:
@@ -268,15 +275,17 @@ class ConformerEncoder(nn.Module):
         x = self.input_linear(features)
         exported = [x] if 0 in self.config.cat_hidden_layers else []
         mid = len(self.layers) // 2
+        posteriors = None  # a one-block encoder has no middle feedback
         for idx, layer in enumerate(self.layers, start=1):
             x = layer(x, valid_len, frame_mask)
             if idx == mid:
-                x = x + self.out_mid(self.out(x).softmax(dim=-1))
+                posteriors = self.out(x).softmax(dim=-1)
+                x = x + self.out_mid(posteriors)
             # After the feedback: transformers exports the middle block's output and then
             # adds the feedback to that same tensor in place, so its export includes it.
             if idx in self.config.cat_hidden_layers:
                 exported.append(x)
-        return torch.cat([*exported, x], dim=-1) if exported else x
+        return (torch.cat([*exported, x], dim=-1) if exported else x), posteriors
 
 
 def set_block_attention(encoder: nn.Module, impl: str | BlockAttentionFn) -> None:

@@ -57,12 +57,14 @@ def _forward(model, embeds, positions, cache: list, attn_name: str, **attn_kwarg
 def prefill(
     model,
     input_ids: torch.Tensor,
-    lengths: torch.Tensor,
+    read_at: torch.Tensor,
     audio_embeds: torch.Tensor | None,
     cache: list,
     attn_name: str = SDPA,
 ) -> torch.Tensor:
-    """Run the prompt, fill the static cache; returns the first generated token [B, 1]."""
+    """Run the prompt [B, L], fill the static cache; returns the next-token logits after
+    each position in read_at [B, n] ([B, 1] at each row's last prompt token for plain
+    decoding; the prompt's end and every draft token for speculation)."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     hidden = _forward(
         model,
@@ -73,8 +75,8 @@ def prefill(
         cache_positions=positions,
         prefill=True,
     )
-    last = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))
-    return logits_from_hidden(model, last).argmax(-1)
+    picked = hidden.gather(1, read_at[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    return logits_from_hidden(model, picked)
 
 
 def verify(
@@ -187,7 +189,8 @@ def generate(
     ids, lengths = ids.to(device), lengths.to(device)
     cache = setup_cache(model, len(prompts), ids.shape[1] + max_new_tokens, max_seq_len)
     with stage(timer, "prefill"):
-        token = prefill_step(model, ids, lengths, audio_embeds, cache.layers)
+        read_at = (lengths - 1)[:, None]
+        token = prefill_step(model, ids, read_at, audio_embeds, cache.layers).argmax(-1)
     # Timing each step costs a device sync per token; a serving timer times the loop once.
     step_timer = timer if timer is not None and timer.per_step else None
     with stage(None if step_timer else timer, "decode"):

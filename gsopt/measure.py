@@ -34,13 +34,16 @@ class Call:
 Runner = Callable[..., Call]
 
 
-def pipeline_runner(pipeline, waves, template: list[int], max_new_tokens: int) -> Runner:
-    """A pipeline at fixed length (end-of-text ignored), so every call does the same work."""
+def pipeline_runner(
+    pipeline, waves, template: list[int], max_new_tokens: int, **call_kwargs
+) -> Runner:
+    """A pipeline at fixed length (end-of-text ignored), so every call does the same work;
+    `call_kwargs` go to each call (oracle drafts, say)."""
 
     def call(annotate: bool = False) -> Call:
         timer = StageTimer(pipeline.device, annotate)
         with timer("total"):
-            tokens = pipeline(waves, template, max_new_tokens, timer=timer)
+            tokens = pipeline(waves, template, max_new_tokens, timer=timer, **call_kwargs)
         total = timer.times.pop("total")[0]
         return Call(dict(timer.times), total, tokens)
 

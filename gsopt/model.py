@@ -77,16 +77,17 @@ class GraniteSpeech(nn.Module):
         self.decoder.post_init()
 
     def encode(self, input_features: torch.Tensor, frame_mask: torch.Tensor | None = None):
-        """The encoder, with padded frames zeroed: the projector sees whole windows, and a
-        padded clip must look like the clip alone."""
-        hidden = self.encoder(input_features, frame_mask)
+        """The encoder's output, with padded frames zeroed (the projector sees whole windows,
+        and a padded clip must look like the clip alone), and its middle block's CTC
+        posteriors (for CTC drafts)."""
+        hidden, posteriors = self.encoder.forward_with_posteriors(input_features, frame_mask)
         if frame_mask is not None:
             hidden = hidden * frame_mask.unsqueeze(-1).to(hidden.dtype)
-        return hidden
+        return hidden, posteriors
 
     def embed_audio(self, input_features: torch.Tensor, frame_mask: torch.Tensor | None = None):
         """Encoder + projector: the rows that replace the audio tokens."""
-        return self.projector(self.encode(input_features, frame_mask))
+        return self.projector(self.encode(input_features, frame_mask)[0])
 
     def use_audio_lora(self, enabled: bool) -> None:
         """A live LoRA follows transformers' rule: on only for inputs that carry audio."""

@@ -13,14 +13,21 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from gsopt import drafts as drafts_
 from gsopt import fms_decode, generate
 from gsopt.encoder import encoder_frame_mask
 from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE, LogMelFrontend
 from gsopt.kv_cache import SDPA
+from gsopt.speculate import SpeculationStats, Steps, speculative_generate
 from gsopt.timing import StageTimer, stage
+from gsopt.tokenizer import synthetic_tokenizer
+
+if TYPE_CHECKING:
+    from gsopt.recipe import Speculation
 
 STAGES = ("frontend", "encoder", "projector", "prefill", "decode")
 
@@ -60,6 +67,11 @@ class Stages:
     prefill_bucket: int = 1
     audio_buckets: bool = False
     max_seq_len: int | None = None
+    # Speculative decoding (a recipe's [speculate] table): the CTC draft stage, and a draft
+    # model's own (model, Stages) when it drafts with one.
+    speculation: Speculation | None = None
+    ctc: Callable | None = None
+    draft: tuple | None = None
 
     @classmethod
     def eager(cls, model, kv_cache: str = "static", attn_name: str = SDPA) -> Stages:
@@ -97,10 +109,14 @@ def _recording(stages: Stages, record: dict[str, tuple]) -> Stages:
 class Pipeline:
     """Drives the stages. Returns greedy tokens [B, <= max_new_tokens] per call."""
 
-    def __init__(self, model, stages: Stages | None = None):
+    def __init__(self, model, stages: Stages | None = None, tokenizer=None):
+        """`tokenizer` turns grapheme CTC drafts into tokens (default: the variant's
+        synthetic one)."""
         self.model = model
         self.stages = stages or Stages.eager(model)
         self.device = model.decoder.head.weight.device
+        self.tokenizer = tokenizer
+        self.speculation_stats = SpeculationStats()
 
     def batch(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(w) for w in waveforms])
@@ -123,28 +139,35 @@ class Pipeline:
         stop_at_eos: bool = False,
         timer: StageTimer | None = None,
         record: dict[str, tuple] | None = None,
+        drafts: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """`stop_at_eos=False` decodes exactly max_new_tokens (benchmarks); `record`, when
-        given, receives each stage's first arguments (what `gsopt explain` compiles)."""
+        given, receives each stage's first arguments (what `gsopt explain` compiles);
+        `drafts`, each row's draft tokens in place of the CTC draft (a speculative recipe's
+        oracle drafts, for benchmarks)."""
+        confidences = None
         model = self.model
         stages = self.stages if record is None else _recording(self.stages, record)
-        model.use_audio_lora(True)  # every pipeline input carries audio
-        dtype = model.projector.query.dtype
-        waves, lengths = self.batch(waveforms)
-        with stage(timer, "frontend"):
-            features, frames = stages.frontend(waves, lengths)
-        with stage(timer, "encoder"):
-            frame_mask = encoder_frame_mask(frames, features.shape[1])
-            hidden = stages.encoder(features.to(dtype), frame_mask)
-        with stage(timer, "projector"):
-            audio = stages.projector(hidden)
-        prompts = [
-            prompt_for(model.config.audio_tokens(len(w)), template, model.config.audio_token_id)
-            for w in waveforms
-        ]
+        audio, hidden, posteriors, frame_mask, frames = self.embed_audio(waveforms, stages, timer)
+        prompts = self.prompts(waveforms, template)
         common = dict(stop_at_eos=stop_at_eos, check_every=stages.check_every, timer=timer)
         if stages.kv_cache == "dynamic":
             return fms_decode.generate(model, prompts, audio, max_new_tokens, **common)
+        if stages.speculation is not None:
+            if drafts is None and stages.draft is None:
+                with stage(timer, "ctc"):
+                    drafts, confidences = self.ctc_drafts(hidden, posteriors, frame_mask, frames)
+            return self.speculate(
+                waveforms,
+                template,
+                prompts,
+                audio,
+                max_new_tokens,
+                drafts,
+                confidences,
+                stop_at_eos,
+                timer,
+            )
         return generate.generate(
             model,
             prompts,
@@ -156,4 +179,88 @@ class Pipeline:
             decode_step=stages.decode,
             fixed_span=stages.fixed_span,
             **common,
+        )
+
+    def embed_audio(self, waveforms: list[torch.Tensor], stages: Stages, timer=None):
+        """frontend -> encoder -> projector: the audio rows, and what CTC drafts read."""
+        self.model.use_audio_lora(True)  # every pipeline input carries audio
+        dtype = self.model.projector.query.dtype
+        waves, lengths = self.batch(waveforms)
+        with stage(timer, "frontend"):
+            features, frames = stages.frontend(waves, lengths)
+        with stage(timer, "encoder"):
+            frame_mask = encoder_frame_mask(frames, features.shape[1])
+            hidden, posteriors = stages.encoder(features.to(dtype), frame_mask)
+        with stage(timer, "projector"):
+            audio = stages.projector(hidden)
+        return audio, hidden, posteriors, frame_mask, frames
+
+    def prompts(self, waveforms: list[torch.Tensor], template: list[int]) -> list[torch.Tensor]:
+        config = self.model.config
+        return [
+            prompt_for(config.audio_tokens(len(w)), template, config.audio_token_id)
+            for w in waveforms
+        ]
+
+    def ctc_drafts(self, hidden, posteriors, frame_mask, frames):
+        """Each row's CTC draft tokens and confidence (the `ctc` stage, then the host's
+        collapsing and tokenizing); an empty draft has confidence inf."""
+        labels, confidence = self.stages.ctc(hidden, posteriors, frame_mask)
+        if self.stages.speculation.draft == "ctc-bpe":
+            tokens = drafts_.bpe_tokens(labels, frames)
+        else:
+            if self.tokenizer is None:
+                self.tokenizer = synthetic_tokenizer(self.model.config)
+            tokens = drafts_.grapheme_tokens(labels, frames, self.tokenizer)
+        confidences = [
+            c if t else math.inf for c, t in zip(confidence.tolist(), tokens, strict=True)
+        ]
+        return tokens, confidences
+
+    def speculate(
+        self,
+        waveforms,
+        template,
+        prompts,
+        audio,
+        max_new_tokens,
+        drafts,
+        confidences,
+        stop_at_eos,
+        timer,
+    ) -> torch.Tensor:
+        stages, spec = self.stages, self.stages.speculation
+        draft_model = None
+        if drafts is None:  # a draft model proposes; it reads the audio with its own stages
+            helper = Pipeline(*stages.draft, tokenizer=self.tokenizer)
+            draft_audio = helper.embed_audio(waveforms, helper.stages)[0]
+            draft_model = (
+                helper.model,
+                Steps(
+                    helper.stages.prefill,
+                    helper.stages.decode,
+                    helper.stages.verify,
+                    helper.stages.fixed_span,
+                ),
+                helper.prompts(waveforms, template),
+                draft_audio,
+            )
+        return speculative_generate(
+            self.model,
+            prompts,
+            audio,
+            max_new_tokens,
+            drafts=drafts,
+            draft_model=draft_model,
+            k=spec.k,
+            mode=spec.mode,
+            confidences=confidences or [math.inf] * len(prompts),
+            ctc_threshold=spec.ctc_threshold,
+            confidence_threshold=spec.confidence_threshold,
+            steps=Steps(stages.prefill, stages.decode, stages.verify, stages.fixed_span),
+            stop_at_eos=stop_at_eos,
+            prefill_bucket=stages.prefill_bucket,
+            max_seq_len=stages.max_seq_len,
+            stats=self.speculation_stats,
+            timer=timer,
         )

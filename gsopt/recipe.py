@@ -14,6 +14,7 @@ every fallback is written into `Stages.notes`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -23,12 +24,14 @@ from typing import Any, Protocol
 
 import torch
 
+from gsopt import drafts
 from gsopt.encoder import BLOCK_ATTENTION, ShawBlockAttention, set_block_attention
 from gsopt.errors import GsoptError
 from gsopt.kv_cache import ATTENTION_OPS
 from gsopt.lora import merge_audio_lora_
 from gsopt.pipeline import STAGES, Stages
 from gsopt.runtime import DTYPES
+from gsopt.speculate import MODES as MODES_SPECULATION
 
 BACKENDS = ("eager", "compile")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -41,8 +44,16 @@ LORAS = ("live", "merged")
 STAGE_KNOBS = {"attention": ("encoder", "decode"), "cudagraph": ("decode",)}
 # Device types a recipe can hold its own settings for.
 DEVICE_TYPES = ("cpu", "cuda")
-# Smallest allowed value of each numeric setting.
-MINIMUM = {"check_every": 1, "prefill_bucket": 1, "max_seq_len": 1}
+# Smallest allowed value of each numeric setting (and the largest, where there is one).
+MINIMUM = {
+    "check_every": 1,
+    "prefill_bucket": 1,
+    "max_seq_len": 1,
+    "k": 1,
+    "ctc_threshold": 0.0,
+    "confidence_threshold": 0.0,
+}
+MAXIMUM = {"confidence_threshold": 1.0}
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,23 @@ class StageRecipe:
         )
 
 
+DRAFTS = ("ctc", "ctc-bpe", "model")
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """The `[speculate]` table. `draft`: `ctc` (the grapheme CTC head, any checkpoint),
+    `ctc-bpe` (granite-speech-4.1's BPE head), `model` (the draft model a command's
+    --draft-model names) or a checkpoint folder; `k`: tokens per verification step; `mode`:
+    `exact` (lossless) or `relaxed` (IBM's criterion, lossy)."""
+
+    draft: str = "ctc"
+    k: int = 8
+    mode: str = "exact"
+    ctc_threshold: float = 0.5
+    confidence_threshold: float = 0.01
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -78,6 +106,7 @@ class Recipe:
     projector: StageRecipe = field(default_factory=StageRecipe)
     prefill: StageRecipe = field(default_factory=StageRecipe)
     decode: StageRecipe = field(default_factory=StageRecipe)
+    speculate: Speculation | None = None
     # The whole recipe as it runs on each device type that has a [cpu] or [cuda] table.
     devices: dict[str, Recipe] = field(default_factory=dict, hash=False)
 
@@ -190,11 +219,29 @@ def _check_value(where: str, key: str, value: Any, default: Any, allowed=None) -
         if value not in allowed:
             raise GsoptError(f"{where}: {key} = {value!r} is not one of {', '.join(allowed)}")
         return
-    expected = int if key in MINIMUM else bool if key == "dynamic" else type(default)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+    expected = bool if key == "dynamic" else int if key in MINIMUM else type(default)
+    if isinstance(default, float):
+        expected = float
+    numeric = (int, float) if expected is float else (expected,)
+    if not isinstance(value, numeric) or (expected is not bool and isinstance(value, bool)):
         raise GsoptError(f"{where}: {key} = {value!r} must be a {expected.__name__}")
     if key in MINIMUM and value < MINIMUM[key]:
         raise GsoptError(f"{where}: {key} = {value} must be at least {MINIMUM[key]}")
+    if key in MAXIMUM and value > MAXIMUM[key]:
+        raise GsoptError(f"{where}: {key} = {value} must be at most {MAXIMUM[key]}")
+
+
+def _speculation(where: str, table: Any) -> Speculation:
+    if not isinstance(table, dict):
+        raise GsoptError(f"{where}: [speculate] must be a table")
+    defaults = Speculation()
+    for key, value in table.items():
+        if key not in vars(defaults):
+            allowed = ", ".join(vars(defaults))
+            raise GsoptError(f"{where}: unknown key {key!r} in [speculate]; allowed: {allowed}")
+        allowed_values = {"mode": MODES_SPECULATION}.get(key)
+        _check_value(f"{where} [speculate]", key, value, getattr(defaults, key), allowed_values)
+    return Speculation(**table)
 
 
 def _stage(where: str, stage: str, table: Any) -> StageRecipe:
@@ -226,7 +273,11 @@ def _merged(base: dict[str, Any], table: Any, where: str) -> dict[str, Any]:
     for key, value in table.items():
         if key in DEVICE_TYPES:
             raise GsoptError(f"{where}: a device table cannot hold another ([{key}])")
-        if key in STAGES and isinstance(value, dict) and isinstance(base.get(key), dict):
+        if (
+            key in (*STAGES, "speculate")
+            and isinstance(value, dict)
+            and isinstance(base.get(key), dict)
+        ):
             value = {**base[key], **value}
         merged[key] = value
     return merged
@@ -245,8 +296,9 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
 
 
 def _parse(data: dict[str, Any], where: str) -> Recipe:
-    top = [f.name for f in dataclasses.fields(Recipe) if f.name not in (*STAGES, "devices")]
-    allowed = top + list(STAGES) + list(DEVICE_TYPES)
+    tables = (*STAGES, "speculate", "devices")
+    top = [f.name for f in dataclasses.fields(Recipe) if f.name not in tables]
+    allowed = top + list(STAGES) + ["speculate", *DEVICE_TYPES]
     for key in data:
         if key not in allowed:
             raise GsoptError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
@@ -255,10 +307,14 @@ def _parse(data: dict[str, Any], where: str) -> Recipe:
     for key, value in data.items():
         if key in STAGES:
             fields[key] = _stage(where, key, value)
+        elif key == "speculate":
+            fields[key] = _speculation(where, value)
         else:
             _check_value(where, key, value, getattr(defaults, key))
             fields[key] = value
     recipe = Recipe(**fields)
+    if recipe.speculate is not None and recipe.kv_cache == "dynamic":
+        raise GsoptError(f'{where}: [speculate] needs kv_cache = "static" (its verify step)')
     if recipe.kv_cache == "dynamic":
         for stage in ("prefill", "decode"):
             settings = getattr(recipe, stage)
@@ -428,8 +484,10 @@ def _changed_stages(recipe: Recipe, settings: dict[str, StageRecipe]) -> set[str
     return changed
 
 
-def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
-    """Transform `model` as the recipe says and return its stages (eager, compiled or captured)."""
+def apply(model: torch.nn.Module, recipe: Recipe, draft_model=None) -> Stages:
+    """Transform `model` as the recipe says and return its stages (eager, compiled or
+    captured). A recipe that drafts with a model takes it as `draft_model` (loaded with
+    `load_draft_model`), unless its [speculate] table names a checkpoint folder."""
     device = model.decoder.head.weight.device
     cuda = device.type == "cuda"
     recipe = recipe.for_device(device.type)
@@ -460,4 +518,64 @@ def apply(model: torch.nn.Module, recipe: Recipe) -> Stages:
         )
     # The decode step, k tokens wide.
     stages.verify = _wrap(stages.verify, settings["decode"], not cuda)
+    if recipe.speculate is not None:
+        _speculation_stages(stages, model, recipe, draft_model)
     return stages
+
+
+def _speculation_stages(stages: Stages, model, recipe: Recipe, draft_model) -> None:
+    """The CTC draft stage, or the draft model with its own stages (the recipe's compile
+    settings, without speculation)."""
+    spec = stages.speculation = recipe.speculate
+    stages.changed.update(("prefill", "decode"))
+    if spec.draft in ("ctc", "ctc-bpe"):
+        if spec.draft == "ctc-bpe" and getattr(model.encoder, "out_llm", None) is None:
+            raise GsoptError(
+                f"recipe {recipe.name}: draft 'ctc-bpe' needs the BPE CTC head: put the "
+                "checkpoint's out_llm.safetensors beside its weights, or use draft = 'ctc'"
+            )
+        labels = drafts.bpe_labels if spec.draft == "ctc-bpe" else drafts.grapheme_labels
+        stages.ctc = functools.partial(labels, model.encoder)
+        return
+    if draft_model is None and spec.draft == "model":
+        raise GsoptError(
+            f"recipe {recipe.name} drafts with a model: pass --draft-model DIR|VARIANT"
+        )
+    if draft_model is None:
+        weight = model.decoder.head.weight
+        draft_model = load_draft_model(
+            spec.draft, model.config, device=weight.device, dtype=weight.dtype
+        )
+    plain = dataclasses.replace(recipe, speculate=None, devices={})
+    stages.draft = (draft_model, apply(draft_model, plain))
+
+
+def load_draft_model(source, target_config, *, device, dtype, target_source=None):
+    """A draft model for a target, refused (before any weight is read) unless it reads and
+    writes the same tokens: the same vocabulary, audio and end-of-text ids, and the same
+    tokenizer where both are checkpoint folders."""
+    from gsopt.checkpoint import load_config, load_model
+    from gsopt.tokenizer import TOKENIZER_FILES, load_tokenizer
+
+    config = load_config(source)
+    if not hasattr(config, "decoder"):
+        raise GsoptError(f"draft model {source}: it has no decoder to draft with")
+    mine = target_config
+    draft_ids = (config.decoder.src_vocab_size, config.audio_token_id, config.eos_token_id)
+    target_ids = (mine.decoder.src_vocab_size, mine.audio_token_id, mine.eos_token_id)
+    if draft_ids != target_ids:
+        raise GsoptError(
+            f"draft model {source}: its vocabulary (size, audio and end-of-text ids "
+            f"{draft_ids}) differs from the target's {target_ids}; a draft must share the "
+            "target's tokenizer"
+        )
+    folders = [s for s in (source, target_source) if s is not None and Path(s).is_dir()]
+    if len(folders) == 2 and all(
+        any((Path(f) / n).exists() for n in TOKENIZER_FILES) for f in folders
+    ):
+        vocabularies = [
+            load_tokenizer(f, c).get_vocab() for f, c in zip(folders, (config, mine), strict=True)
+        ]
+        if vocabularies[0] != vocabularies[1]:
+            raise GsoptError(f"draft model {source}: its tokenizer differs from the target's")
+    return load_model(source, device=device, dtype=dtype, lora="merged")

@@ -59,18 +59,20 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
             if r["error"] is not None:
                 table.append([_point(r), r["name"], f"error: {r['error']}"] + [""] * 11)
                 continue
-            e2e, sp, roof = r["end_to_end"], r["speedup"], r["roofline"]
+            e2e, sp = r["end_to_end"], r["speedup"]
+            roof = r.get("roofline") or {}
+            step = r["decode_ms_per_token"]
             table.append(
                 [
                     _point(r),
                     r["name"],
                     f"{e2e['median_ms']:.1f} / {e2e['p90_ms']:.1f}",
-                    f"{r['decode_ms_per_token']['median_ms']:.2f}",
+                    _fmt(step and step["median_ms"]),
                     f"{e2e['rtfx']:.1f}",
                     f"{e2e['tokens_per_s']:.1f}",
-                    f"{roof['achieved_GBps']:.2f}",
-                    f"{roof['ceiling_GBps']:.1f}",
-                    f"{100 * roof['mbu']:.1f}%",
+                    _fmt(roof.get("achieved_GBps")),
+                    _fmt(roof.get("ceiling_GBps"), ".1f"),
+                    _fmt(roof.get("mbu") and 100 * roof["mbu"], ".1f", "%"),
                     f"{r['peak_memory_bytes'] / 2**20:.0f}",
                     f"{e2e['compile_s']:.1f}",
                     _fmt(sp["vs_eager"], suffix="x"),
@@ -120,6 +122,42 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
             ),
             "",
         ]
+        speculative = [r for r in data["rows"] if r["error"] is None and r.get("speculation")]
+        if speculative:
+            lines += [
+                "Speculative decoding, per call: tokens drafted and accepted, decoder forwards "
+                "(the prompt's included) and tokens per forward of a row. Rows NAME@A use "
+                "oracle drafts (the clip's own greedy output, a fraction A of its tokens kept);"
+                " the row without @ uses the real CTC draft, which random weights make noise.",
+                "",
+                tabulate(
+                    [
+                        [
+                            _point(r),
+                            r["name"],
+                            _fmt(r.get("draft_accuracy"), ".2f"),
+                            f"{r['speculation']['drafted']:.1f}",
+                            f"{r['speculation']['accepted']:.1f}",
+                            f"{r['speculation']['forwards']:.1f}",
+                            _fmt(r["speculation"]["tokens_per_forward"]),
+                            _fmt(_vs(r, data["rows"], "compile-decoder"), suffix="x"),
+                        ]
+                        for r in speculative
+                    ],
+                    headers=[
+                        "point",
+                        "row",
+                        "draft accuracy",
+                        "drafted",
+                        "accepted",
+                        "forwards",
+                        "tokens/forward",
+                        "vs compile-decoder",
+                    ],
+                    tablefmt="github",
+                ),
+                "",
+            ]
         notes = sorted({n for r in data["rows"] for n in r["notes"]})
         if notes:
             lines += ["Fallbacks on this machine:", *[f"- {n}" for n in notes], ""]
@@ -128,6 +166,14 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
     else:
         lines += ["No row ran (every row has an error), so there are no charts."]
     return "\n".join(lines) + "\n"
+
+
+def _vs(row: dict[str, Any], rows: list[dict[str, Any]], name: str) -> float | None:
+    """End-to-end speed-up of `row` over the row called `name` at the same sweep point."""
+    for other in rows:
+        if other["name"] == name and other["error"] is None and _point(other) == _point(row):
+            return other["end_to_end"]["median_ms"] / row["end_to_end"]["median_ms"]
+    return None
 
 
 def _png(fig) -> bytes:
@@ -192,9 +238,43 @@ def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
     out["speedup.png"] = _png(fig)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4.5))
-    values = [100 * r["roofline"]["mbu"] for r in ok]
-    bars = ax.bar(labels, values)
+    oracle = [r for r in ok if r.get("draft_accuracy") is not None]
+    if oracle:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        right = ax.twinx()
+        for name in sorted({r["name"].partition("@")[0] for r in oracle}):
+            mine = sorted(
+                (r for r in oracle if r["name"].startswith(f"{name}@")),
+                key=lambda r: r["draft_accuracy"],
+            )
+            accuracy = [r["draft_accuracy"] for r in mine]
+            ax.plot(
+                accuracy,
+                [_vs(r, rows, "compile-decoder") or 0.0 for r in mine],
+                "o-",
+                label=f"{name}: speed-up vs compile-decoder",
+            )
+            right.plot(
+                accuracy,
+                [r["speculation"]["tokens_per_forward"] for r in mine],
+                "s--",
+                color="gray",
+                label=f"{name}: tokens per forward",
+            )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("draft accuracy (fraction of the greedy tokens kept)")
+        ax.set_ylabel("end-to-end speed-up vs compile-decoder")
+        right.set_ylabel("tokens per decoder forward")
+        ax.set_title("Speculative decoding against draft accuracy")
+        ax.legend(loc="upper left", fontsize=7)
+        right.legend(loc="lower right", fontsize=7)
+        out["speculation.png"] = _png(fig)
+        plt.close(fig)
+
+    measured = [r for r in ok if r.get("roofline")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(measured)), 4.5))
+    values = [100 * r["roofline"]["mbu"] for r in measured]
+    bars = ax.bar([f"{r['name']}\n{_point(r)}" for r in measured], values)
     ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], fontsize=7)
     ax.axhline(100.0, color="red", linestyle="--", label="read ceiling (100%)")
     ax.set_ylabel("decode MBU, % of the measured read ceiling")

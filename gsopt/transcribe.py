@@ -29,9 +29,10 @@ from gsopt.errors import GsoptError
 from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE
 from gsopt.generate import truncate_at_eos
 from gsopt.pipeline import STAGES, Pipeline, Stages
-from gsopt.recipe import Recipe, load_recipe
+from gsopt.recipe import Recipe, load_draft_model, load_recipe
 from gsopt.recipe import apply as apply_recipe
 from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
+from gsopt.speculate import SpeculationStats
 from gsopt.timing import StageTimer
 from gsopt.tokenizer import decode, load_tokenizer, prompt_ids
 
@@ -50,6 +51,7 @@ class BatchTimings:
     seconds: float
     stages: dict[str, float]
     decode_steps: int
+    speculation: dict | None = None  # drafted/accepted tokens, forwards, relaxed decisions
 
     @property
     def rtfx(self) -> float:
@@ -107,14 +109,15 @@ def check_clip_lengths(
             )
 
 
-def pipeline_for(model, recipe: Recipe | None) -> Pipeline:
-    """Eager stages, or the ones the recipe builds (it may also merge the LoRA or cast)."""
+def pipeline_for(model, recipe: Recipe | None, tokenizer=None, draft_model=None) -> Pipeline:
+    """Eager stages, or the ones the recipe builds (it may also merge the LoRA or cast);
+    `draft_model` for a recipe that drafts with one."""
     if recipe is None:
-        return Pipeline(model, Stages.eager(model))
-    stages = apply_recipe(model, recipe)
+        return Pipeline(model, Stages.eager(model), tokenizer)
+    stages = apply_recipe(model, recipe, draft_model)
     for note in stages.notes:
         log.warning("recipe %s: %s", recipe.name, note)
-    return Pipeline(model, stages)
+    return Pipeline(model, stages, tokenizer)
 
 
 def _run_batch(
@@ -128,6 +131,7 @@ def _run_batch(
 ) -> list[Transcription]:
     config = pipeline.model.config
     timer = StageTimer(pipeline.device, per_step=False)  # no sync per token
+    pipeline.speculation_stats = SpeculationStats()
     start = time.perf_counter()
     tokens = pipeline(waveforms, template, max_new_tokens, stop_at_eos=True, timer=timer)
     rows = truncate_at_eos(tokens.cpu(), config.eos_token_id)
@@ -137,8 +141,11 @@ def _run_batch(
         size=len(waveforms),
         audio_seconds=sum(len(wave) for wave in waveforms) / SAMPLE_RATE,
         seconds=seconds,
-        stages={name: sum(timer.times[name]) for name in STAGES},
+        stages={name: sum(timer.times[name]) for name in (*STAGES, "ctc") if name in timer.times},
         decode_steps=tokens.shape[1] - 1,
+        speculation=pipeline.speculation_stats.to_json()
+        if pipeline.stages.speculation is not None
+        else None,
     )
     results = []
     for path, wave, row in zip(paths, waveforms, rows, strict=True):
@@ -167,6 +174,7 @@ def transcribe(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     prompt: str | None = None,
     progress: bool = False,
+    draft_model: str | os.PathLike | None = None,
 ) -> list[Transcription]:
     """Greedy transcripts of `files` (the bundled sample when empty), in the order given.
 
@@ -174,7 +182,8 @@ def transcribe(
     `recipe` a built-in recipe name or a .toml path (None: eager stages); `prompt` replaces
     the transcription request (e.g. a translation request). `progress` shows a bar on
     stderr, in seconds of audio, when stderr is a terminal. A recipe's fallbacks on this
-    machine are logged as warnings.
+    machine are logged as warnings. `draft_model` (a folder or variant sharing the model's
+    tokenizer) is the draft of a recipe that drafts with a model.
     """
     if batch_size < 1:
         raise GsoptError(f"--batch-size must be at least 1, got {batch_size}")
@@ -189,9 +198,13 @@ def transcribe(
     template = prompt_ids(tokenizer, config.audio_token_id, prompt)
     check_clip_lengths(paths, waveforms, config, len(template) - 1, max_new_tokens)
     settings = load_recipe(recipe) if recipe is not None else None
-
+    draft = None
+    if draft_model is not None:
+        draft = load_draft_model(
+            draft_model, config, device=torch_device, dtype=torch_dtype, target_source=model
+        )
     loaded = load_model(model, device=torch_device, dtype=torch_dtype)
-    pipeline = pipeline_for(loaded, settings)
+    pipeline = pipeline_for(loaded, settings, tokenizer, draft)
     results: list[Transcription] = []
     total_seconds = sum(len(wave) for wave in waveforms) / SAMPLE_RATE
     with tqdm(
@@ -268,6 +281,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="TEXT",
         help="instruction instead of transcription, e.g. 'translate the speech to French'",
     )
+    parser.add_argument(
+        "--draft-model",
+        metavar="DIR|VARIANT",
+        help="the draft model of a recipe that drafts with one (speculative-draft); it must "
+        "share the model's tokenizer",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
     return parser
@@ -284,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         prompt=args.prompt,
         progress=not args.quiet,
+        draft_model=args.draft_model,
     )
     if str(args.model) in VARIANTS:
         print(

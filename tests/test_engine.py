@@ -32,6 +32,11 @@ def prompt(extra: int = 0) -> torch.Tensor:
     )
 
 
+def last(ids: torch.Tensor) -> torch.Tensor:
+    """read_at for one row: the next token after its last prompt token."""
+    return torch.tensor([[len(ids) - 1]])
+
+
 @pytest.fixture(scope="module")
 def audio(model):
     torch.manual_seed(0)
@@ -101,7 +106,7 @@ def test_compiled_decode_step_writes_the_cache_in_place(model, audio):
     torch._dynamo.reset()
     cache = setup_cache(model, 1, 64, max_seq_len=512)
     with torch.no_grad():
-        token = prefill(model, prompt()[None], torch.tensor([len(prompt())]), audio, cache.layers)
+        token = prefill(model, prompt()[None], last(prompt()), audio, cache.layers).argmax(-1)
         positions = torch.tensor([len(prompt())])
         done = torch.zeros(1, dtype=torch.bool)
         step = torch.compile(decode_one_token, fullgraph=True)
@@ -151,9 +156,8 @@ def test_decode_attention_reads_kv_once_in_cache_dtype(audio):
     bf16 = gsopt.load_model("tiny", seed=1, lora="merged", dtype=torch.bfloat16)
     cache = setup_cache(bf16, 1, 64, max_seq_len=64)
     with torch.no_grad():
-        token = prefill(
-            bf16, prompt()[None], torch.tensor([len(prompt())]), audio.bfloat16(), cache.layers
-        )
+        token = prefill(bf16, prompt()[None], last(prompt()), audio.bfloat16(), cache.layers)
+        token = token.argmax(-1)
         record = SDPACalls()
         with record:
             decode_one_token(
@@ -207,9 +211,8 @@ def test_done_mask_is_updated_inside_the_step_and_stops_the_loop(model, audio):
     eos_model.config = dataclasses.replace(eos_model.config, eos_token_id=eos)
     cache = setup_cache(eos_model, 1, 64)
     with torch.no_grad():
-        token = prefill(
-            eos_model, prompt()[None], torch.tensor([len(prompt())]), audio, cache.layers
-        )
+        token = prefill(eos_model, prompt()[None], last(prompt()), audio, cache.layers)
+        token = token.argmax(-1)
         done = torch.zeros(1, dtype=torch.bool)
         span = cache.span(len(prompt()) + 1, fixed=False)
         token, done = decode_one_token(
@@ -227,9 +230,7 @@ def greedy_accept(model, prompt_ids, audio, drafts: list[int], n: int, k: int) -
     draft tokens after each accepted run, accept the longest prefix that matches the model's
     own greedy tokens, then take the model's token at the first mismatch."""
     cache = setup_cache(model, 1, len(prompt_ids) + n + k)
-    out = [
-        int(prefill(model, prompt_ids[None], torch.tensor([len(prompt_ids)]), audio, cache.layers))
-    ]
+    out = [int(prefill(model, prompt_ids[None], last(prompt_ids), audio, cache.layers).argmax())]
     position = len(prompt_ids)
     while len(out) < n:
         proposal = [out[-1], *drafts[len(out) : len(out) + k - 1]]
