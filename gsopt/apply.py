@@ -24,7 +24,15 @@ from gsopt.checkpoint import load_model
 from gsopt.errors import GsoptError
 from gsopt.measure import Call, interleave, pipeline_runner, ratio_spread
 from gsopt.pipeline import STAGES, Pipeline, Stages
-from gsopt.recipe import CompiledStage, Recipe, apply, changes_model, load_recipe
+from gsopt.recipe import (
+    CompiledStage,
+    Recipe,
+    apply,
+    changes_model,
+    load_draft_model,
+    load_recipe,
+    lossy_reasons,
+)
 from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
 from gsopt.tokenizer import TOKENIZER_FILES, load_tokenizer, prompt_ids, synthetic_tokenizer
 
@@ -251,6 +259,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{e2e['saved_in_changed_stages_ms']:.1f} ms of it in the stages the recipe changed.",
         f"Agreement: {report['agreement']}.",
     ]
+    if report["lossy"]:
+        lines.append(f"Lossy recipe: {'; '.join(report['lossy'])}.")
+    if report["speculation"]:
+        spec = report["speculation"]
+        lines.append(
+            f"Speculation (all calls): {spec['drafted']} tokens drafted, {spec['accepted']} "
+            f"accepted, {spec['forwards']} decoder forwards, "
+            f"{spec['tokens_per_forward']:.2f} tokens per forward of a row."
+        )
     if report["notes"]:
         lines += ["", "Fallbacks on this machine:", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
@@ -276,14 +293,22 @@ def run(args: argparse.Namespace) -> int:
     # A recipe that transforms the model (dtype, merged LoRA, kernels) gets its own copy, so
     # both run interleaved on the same weights; one that only wraps stages shares the model.
     recipe_model = copy.deepcopy(model) if changes_model(model, recipe) else model
-    stages = apply(recipe_model, recipe)
+    draft = None
+    if args.draft_model is not None:
+        draft = load_draft_model(
+            args.draft_model,
+            model.config,
+            device=device,
+            dtype=DTYPES[dtype_name],
+            target_source=source,
+        )
+    stages = apply(recipe_model, recipe, draft)
+    recipe_pipeline = Pipeline(recipe_model, stages)
     runners = {
         "eager": pipeline_runner(
             Pipeline(model, Stages.eager(model, "dynamic")), waves, template, args.max_new_tokens
         ),
-        "recipe": pipeline_runner(
-            Pipeline(recipe_model, stages), waves, template, args.max_new_tokens
-        ),
+        "recipe": pipeline_runner(recipe_pipeline, waves, template, args.max_new_tokens),
     }
     compiles = any(isinstance(getattr(stages, s), CompiledStage) for s in STAGES)
     if compiles:
@@ -295,11 +320,15 @@ def run(args: argparse.Namespace) -> int:
     calls = interleave(runners, args.repeats + 1)
     eager, optimised = calls["eager"], calls["recipe"]
     divergence = first_divergence(eager[-1].tokens, optimised[-1].tokens)
-    same_precision = (recipe.dtype or dtype_name) == "float32" and dtype_name == "float32"
+    lossy = lossy_reasons(recipe, DTYPES[dtype_name], device.type)
+    agreement_rate = float((eager[-1].tokens == optimised[-1].tokens).float().mean())
     if divergence is None:
         agreement = "greedy tokens identical to eager"
     else:
-        agreement = f"first divergence at row {divergence[0]}, token {divergence[1]}"
+        agreement = (
+            f"{100 * agreement_rate:.1f}% of tokens agree; first divergence at row "
+            f"{divergence[0]}, token {divergence[1]}"
+        )
     report = {
         "recipe": recipe.to_dict(),
         "model": str(source),
@@ -312,6 +341,12 @@ def run(args: argparse.Namespace) -> int:
         "end_to_end": end_to_end(stages, eager, optimised),
         "agreement": agreement,
         "tokens_identical": divergence is None,
+        "token_agreement": agreement_rate,
+        "first_divergence": list(divergence) if divergence is not None else None,
+        "lossy": lossy,
+        "speculation": recipe_pipeline.speculation_stats.to_json()
+        if stages.speculation is not None
+        else None,
         "notes": stages.notes,
     }
     markdown = render_markdown(report)
@@ -319,8 +354,10 @@ def run(args: argparse.Namespace) -> int:
     write_atomic(out / "report.md", markdown)
     print(markdown, end="")
     print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
-    if divergence is not None and same_precision:
-        raise GsoptError(f"recipe {recipe.name} changed the fp32 greedy tokens ({agreement})")
+    if divergence is not None and not lossy:
+        raise GsoptError(
+            f"recipe {recipe.name} is lossless but changed the greedy tokens ({agreement})"
+        )
     return 0
 
 
@@ -334,5 +371,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the first")
     parser.add_argument("--out", default="gsopt-report", help="folder for report.json/.md")
+    parser.add_argument(
+        "--draft-model", metavar="DIR|VARIANT", help="the draft model of speculative-draft"
+    )
     parser.set_defaults(run=run)
     return parser

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from gsopt import drafts
+from gsopt.cpu_linear import has_plain_linears, pack_linears_
 from gsopt.encoder import BLOCK_ATTENTION, ShawBlockAttention, set_block_attention
 from gsopt.errors import GsoptError
 from gsopt.kv_cache import ATTENTION_OPS
@@ -40,6 +41,9 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 ATTENTIONS = {"encoder": ("auto", "sdpa", "math", "triton"), "decode": ("auto", "sdpa", "triton")}
 KV_CACHES = ("dynamic", "static")
 LORAS = ("live", "merged")
+# The kernel behind every plain nn.Linear on a CPU: aten's (MKL) or oneDNN with prepacked
+# weights (`gsopt.cpu_linear`).
+LINEARS = ("aten", "onednn")
 # Which stages take which stage-specific knob.
 STAGE_KNOBS = {"attention": ("encoder", "decode"), "cudagraph": ("decode",)}
 # Device types a recipe can hold its own settings for.
@@ -97,6 +101,7 @@ class Recipe:
     kv_cache: str = "dynamic"
     lora: str = "live"
     dtype: str | None = None
+    linear: str = "aten"
     prefill_bucket: int = 64
     audio_buckets: bool = False
     check_every: int = 8
@@ -180,6 +185,23 @@ class EncoderAttention:
         set_block_attention(model.encoder, self.impl())
 
 
+@dataclass(frozen=True)
+class PackLinears:
+    """Every plain nn.Linear onto oneDNN with its weight prepacked (a CPU setting). With a
+    compiled decode step the decoder keeps its plain weights too, for the one-row products
+    that step computes as inductor reductions."""
+
+    keep_plain_decoder: bool = False
+    stages = ("encoder", "projector", "prefill", "decode")
+
+    def changes(self, model) -> bool:
+        return has_plain_linears(model)
+
+    def __call__(self, model) -> None:
+        pack_linears_(model.decoder, self.keep_plain_decoder)
+        pack_linears_(model)
+
+
 def model_transforms(recipe: Recipe, device: torch.device | None = None) -> list[Transform]:
     """The recipe's changes to the model, in the order they run. A new kind of transform is
     a class above and one line here."""
@@ -188,12 +210,26 @@ def model_transforms(recipe: Recipe, device: torch.device | None = None) -> list
         transforms.append(CastDtype(recipe.dtype))
     if recipe.lora == "merged":
         transforms.append(MergeLoRA())
+    if recipe.linear == "onednn" and (device is None or device.type == "cpu"):
+        transforms.append(PackLinears(keep_plain_decoder=recipe.decode.backend == "compile"))
     encoder = recipe.encoder.attention
     if encoder != "auto":
         if encoder == "triton" and not _triton_runs(device):
             encoder = "sdpa"
         transforms.append(EncoderAttention(encoder))
     return transforms
+
+
+def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) -> list[str]:
+    """Why a recipe's tokens may differ from eager's (empty: it is lossless, and `apply`
+    demands identical greedy tokens)."""
+    recipe = recipe.for_device(device_type)
+    reasons = []
+    if recipe.dtype is not None and DTYPES[recipe.dtype] != model_dtype:
+        reasons.append(f"casts the weights to {recipe.dtype}")
+    if recipe.speculate is not None and recipe.speculate.mode == "relaxed":
+        reasons.append("relaxed speculation keeps CTC drafts the decoder did not confirm")
+    return reasons
 
 
 def changes_model(model: torch.nn.Module, recipe: Recipe) -> bool:
@@ -210,6 +246,7 @@ _ALLOWED_VALUES = {
     "kv_cache": KV_CACHES,
     "lora": LORAS,
     "dtype": tuple(DTYPES),
+    "linear": LINEARS,
 }
 
 
@@ -493,6 +530,8 @@ def apply(model: torch.nn.Module, recipe: Recipe, draft_model=None) -> Stages:
     recipe = recipe.for_device(device.type)
     notes: list[str] = []
     settings = {s: _portable(s, getattr(recipe, s), cuda, notes) for s in STAGES}
+    if recipe.linear == "onednn" and cuda:
+        notes.append("linear = 'onednn' is a CPU kernel; CUDA kept its own linears")
     changed = _changed_stages(recipe, settings)
     for transform in model_transforms(recipe, device):
         if transform.changes(model):

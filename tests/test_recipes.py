@@ -278,3 +278,19 @@ def test_cpu_decode_step_reads_weights_through_reductions():
     with torch.no_grad():
         _, codes = run_and_get_code(plain, *record["decode"])
     assert re.search(r"extern_kernels\.(mm|addmm)\(", "\n".join(codes))
+
+
+def test_onednn_linears_on_cpu_keep_tokens_and_one_decode_graph(eager_tokens):
+    """best's [cpu] table packs every plain linear for oneDNN: the live LoRA's linears stay
+    as they are, the tokens stay eager's, and the compiled decode step stays one graph."""
+    from gsopt.cpu_linear import OneDNNLinear
+
+    torch._dynamo.reset()
+    model = tiny()
+    stages = apply(model, load_recipe("best"))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear | OneDNNLinear)]
+    assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
+    assert isinstance(model.decoder.head, OneDNNLinear)
+    assert torch.equal(Pipeline(model, stages)(waves(), TEMPLATE, 24), eager_tokens)
+    assert stages.decode.graphs == 1 and stages.decode.graph_breaks == 0
+    assert "decode" in stages.changed and "encoder" in stages.changed
