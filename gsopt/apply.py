@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from gsopt.accuracy import teacher_forced
 from gsopt.audio import load_audio, sample_audio
 from gsopt.checkpoint import load_model
 from gsopt.errors import GsoptError
@@ -261,6 +262,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report["lossy"]:
         lines.append(f"Lossy recipe: {'; '.join(report['lossy'])}.")
+    if report["accuracy"]:
+        acc = report["accuracy"]
+        lines.append(
+            f"Teacher-forced on eager's tokens ({acc['positions']} positions): next-token KL "
+            f"median {acc['kl_median']:.2e}, max {acc['kl_max']:.2e}; logits' relative RMS "
+            f"error median {acc['logits_rel_rms_median']:.2e}, max "
+            f"{acc['logits_rel_rms_max']:.2e}. (Random weights give nearly flat "
+            "distributions whose argmax flips easily: these figures, not token agreement, "
+            "measure the change.)"
+        )
     if report["speculation"]:
         spec = report["speculation"]
         lines.append(
@@ -329,6 +340,9 @@ def run(args: argparse.Namespace) -> int:
             f"{100 * agreement_rate:.1f}% of tokens agree; first divergence at row "
             f"{divergence[0]}, token {divergence[1]}"
         )
+    accuracy = None
+    if recipe_model is not model and lossy:  # a transformed model: how far did it move?
+        accuracy = teacher_forced(model, recipe_model, waves, template, eager[-1].tokens)
     report = {
         "recipe": recipe.to_dict(),
         "model": str(source),
@@ -344,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
         "token_agreement": agreement_rate,
         "first_divergence": list(divergence) if divergence is not None else None,
         "lossy": lossy,
+        "accuracy": accuracy,
         "speculation": recipe_pipeline.speculation_stats.to_json()
         if stages.speculation is not None
         else None,

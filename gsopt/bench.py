@@ -4,8 +4,8 @@ reads).
 
 Decoding is fixed-length (eos ignored) so every row does the same work. Per stage: median
 and p90 over the timed repeats, the first call kept apart as warm-up/compile. The decode
-roofline counts the bytes one step must read (`decode_step_bytes`) against the copy
-bandwidth measured in the same run.
+roofline counts the bytes one step must read (`decode_step_bytes`, each weight at its stored
+size) against the read ceiling measured in the same run.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from tqdm import tqdm
 from gsopt.apply import default_model, environment, prompt_template, to_json, write_atomic
 from gsopt.audio import sample_audio
 from gsopt.checkpoint import from_hf_state_dict, load_config, load_model
-from gsopt.config import VARIANTS, GraniteSpeechConfig, to_hf_config
+from gsopt.config import VARIANTS, to_hf_config
 from gsopt.drafts import oracle
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE, LogMelFrontend, num_audio_tokens
 from gsopt.measure import Call, interleave, pipeline_runner, stats_ms
 from gsopt.pipeline import STAGES, Pipeline, prompt_for
+from gsopt.quantize import stored_bytes
 from gsopt.recipe import apply, changes_model, load_draft_model, load_recipe
 from gsopt.runtime import DTYPES, resolve_device
 from gsopt.timing import StageTimer
@@ -40,24 +41,25 @@ SCHEMA = "gsopt-bench/2"
 PEERS = ("transformers-eager", "transformers-static-compile")
 
 
-def decode_step_bytes(
-    config: GraniteSpeechConfig, batch: int, cache_len: int, dtype: torch.dtype
-) -> int:
-    """Bytes one decode step must read: every decoder weight but the embedding table (the lm
+def decode_step_bytes(model, batch: int, cache_len: int) -> int:
+    """Bytes one decode step must read: every decoder weight at its stored size (int8 or
+    int4 data plus scales and zero points when quantized) but the embedding table (the lm
     head is read whether tied or not), the B embedding rows gathered, and K and V of
     `cache_len` positions in every layer. Activations are ignored (B x emb_dim, tiny)."""
-    d = config.decoder
-    emb, hd = d.emb_dim, d.head_dim
-    ffn = int(d.hidden_grow_factor * emb)
-    q, kv = d.nheads * hd, d.kvheads * hd
-    attn = emb * (q + 2 * kv) + q * emb + ((q + 2 * kv) + emb if d.attn_bias else 0)
-    mlp = 3 * emb * ffn + (2 * ffn + emb if d.mlp_bias else 0)
-    per_layer = attn + mlp + 2 * emb  # two RMSNorm weights
-    weights = d.nlayers * per_layer + emb + d.src_vocab_size * emb  # + final norm + lm head
-    embedding_rows = batch * emb
-    kv_cache = d.nlayers * 2 * batch * cache_len * kv
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return (weights + embedding_rows + kv_cache) * itemsize
+    decoder, config = model.decoder, model.config.decoder
+    embedding = decoder.base_model.embedding
+    weights = 0
+    for module in decoder.modules():
+        if module is embedding:
+            continue
+        for name, tensor in module.named_parameters(recurse=False):
+            if name != "plain":  # a oneDNN linear's plain copy: the step reads one of the two
+                weights += stored_bytes(tensor)
+    itemsize = embedding.weight.element_size()
+    kv = (config.kvheads or config.nheads) * config.head_dim
+    embedding_rows = batch * config.emb_dim * itemsize
+    kv_cache = config.nlayers * 2 * batch * cache_len * kv * itemsize
+    return weights + embedding_rows + kv_cache
 
 
 # Read ceilings are measured on at most this much memory: far past any cache, and cheap.
@@ -288,9 +290,8 @@ def _point_rows(
     audio_tokens = num_audio_tokens(len(waves[0]))
     prompt_len = len(prompt_for(audio_tokens, template, model.config.audio_token_id))
     audio_s, tokens = seconds * batch, batch * new_tokens
-    step_bytes = decode_step_bytes(
-        model.config, batch, prompt_len + new_tokens // 2, DTYPES[dtype_name]
-    )
+    cache_len = prompt_len + new_tokens // 2  # the average position of a decode step
+    step_bytes = decode_step_bytes(model, batch, cache_len)
     names = [*peers, *row_names(recipes, args.draft_accuracy)]
     # Oracle drafts come from the clip's own greedy output (random weights make real CTC
     # drafts noise); a fixed seed per accuracy.
@@ -370,7 +371,10 @@ def _point_rows(
         row["peak_memory_bytes"] = peaks[name]
         if row["decode_ms_per_token"] is not None:
             step_s = row["decode_ms_per_token"]["median_ms"] / 1e3
-            row["roofline"] = roofline(step_bytes, step_s, ceiling.best)
+            mine = pipelines[name].model if name in pipelines else model  # quantized, packed
+            row["roofline"] = roofline(
+                decode_step_bytes(mine, batch, cache_len), step_s, ceiling.best
+            )
         pipeline = pipelines.get(name)
         if pipeline is not None and pipeline.stages.speculation is not None:
             row["speculation"] = {

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gsopt.quantize import is_quantized
+
 # Rows the packed layout is tuned for: a verify step's k; it serves 1 and 170 rows as well.
 ROWS_HINT = 8
 
@@ -54,10 +56,10 @@ class OneDNNLinear(nn.Module):
 
 def pack_linears_(module: nn.Module, keep_plain: bool = False) -> int:
     """Replace every plain `nn.Linear` below `module` (not subclasses such as the live
-    LoRA's) by a `OneDNNLinear`; returns how many."""
+    LoRA's, nor quantized ones) by a `OneDNNLinear`; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
-        if type(child) is nn.Linear:
+        if type(child) is nn.Linear and not is_quantized(child.weight):
             setattr(module, name, OneDNNLinear(child, keep_plain))
             count += 1
         else:
@@ -66,4 +68,4 @@ def pack_linears_(module: nn.Module, keep_plain: bool = False) -> int:
 
 
 def has_plain_linears(module: nn.Module) -> bool:
-    return any(type(m) is nn.Linear for m in module.modules())
+    return any(type(m) is nn.Linear and not is_quantized(m.weight) for m in module.modules())

@@ -31,6 +31,13 @@ from gsopt.errors import GsoptError
 from gsopt.kv_cache import ATTENTION_OPS
 from gsopt.lora import merge_audio_lora_
 from gsopt.pipeline import STAGES, Stages
+from gsopt.quantize import (
+    GROUP_SIZES,
+    QUANTIZABLE_STAGES,
+    WEIGHTS,
+    Quantization,
+    quantize_model,
+)
 from gsopt.runtime import DTYPES
 from gsopt.speculate import MODES as MODES_SPECULATION
 
@@ -112,6 +119,7 @@ class Recipe:
     prefill: StageRecipe = field(default_factory=StageRecipe)
     decode: StageRecipe = field(default_factory=StageRecipe)
     speculate: Speculation | None = None
+    quantize: Quantization | None = None
     # The whole recipe as it runs on each device type that has a [cpu] or [cuda] table.
     devices: dict[str, Recipe] = field(default_factory=dict, hash=False)
 
@@ -202,6 +210,24 @@ class PackLinears:
         pack_linears_(model)
 
 
+@dataclass(frozen=True)
+class Quantize:
+    """torchao weight-only quantization of the stages the [quantize] table names."""
+
+    settings: Quantization
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        touched = {"decoder": ("prefill", "decode"), "encoder": ("encoder",)}
+        return tuple(s for q in self.settings.stages for s in touched.get(q, (q,)))
+
+    def changes(self, model) -> bool:
+        return True
+
+    def __call__(self, model) -> None:
+        quantize_model(model, self.settings)
+
+
 def model_transforms(recipe: Recipe, device: torch.device | None = None) -> list[Transform]:
     """The recipe's changes to the model, in the order they run. A new kind of transform is
     a class above and one line here."""
@@ -210,6 +236,8 @@ def model_transforms(recipe: Recipe, device: torch.device | None = None) -> list
         transforms.append(CastDtype(recipe.dtype))
     if recipe.lora == "merged":
         transforms.append(MergeLoRA())
+    if recipe.quantize is not None:
+        transforms.append(Quantize(recipe.quantize))
     if recipe.linear == "onednn" and (device is None or device.type == "cpu"):
         transforms.append(PackLinears(keep_plain_decoder=recipe.decode.backend == "compile"))
     encoder = recipe.encoder.attention
@@ -229,6 +257,12 @@ def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) ->
         reasons.append(f"casts the weights to {recipe.dtype}")
     if recipe.speculate is not None and recipe.speculate.mode == "relaxed":
         reasons.append("relaxed speculation keeps CTC drafts the decoder did not confirm")
+    if recipe.quantize is not None:
+        q = recipe.quantize
+        reasons.append(
+            f"quantizes the {', '.join(q.stages)} weights to {q.weights} (computing in "
+            f"{q.compute_dtype})"
+        )
     return reasons
 
 
@@ -266,6 +300,38 @@ def _check_value(where: str, key: str, value: Any, default: Any, allowed=None) -
         raise GsoptError(f"{where}: {key} = {value} must be at least {MINIMUM[key]}")
     if key in MAXIMUM and value > MAXIMUM[key]:
         raise GsoptError(f"{where}: {key} = {value} must be at most {MAXIMUM[key]}")
+
+
+def _quantization(where: str, table: Any) -> Quantization:
+    if not isinstance(table, dict):
+        raise GsoptError(f"{where}: [quantize] must be a table")
+    defaults = Quantization()
+    allowed_values = {
+        "weights": WEIGHTS,
+        "group_size": GROUP_SIZES,
+        "compute_dtype": tuple(DTYPES),
+    }
+    for key, value in table.items():
+        if key not in vars(defaults):
+            allowed = ", ".join(vars(defaults))
+            raise GsoptError(f"{where}: unknown key {key!r} in [quantize]; allowed: {allowed}")
+        if key == "stages":
+            if (
+                not isinstance(value, list)
+                or not value
+                or any(v not in QUANTIZABLE_STAGES for v in value)
+            ):
+                raise GsoptError(
+                    f"{where} [quantize]: stages = {value!r} must be a list of "
+                    f"{', '.join(QUANTIZABLE_STAGES)}"
+                )
+            continue
+        _check_value(
+            f"{where} [quantize]", key, value, getattr(defaults, key), allowed_values.get(key)
+        )
+    if "stages" in table:
+        table = {**table, "stages": tuple(table["stages"])}
+    return Quantization(**table)
 
 
 def _speculation(where: str, table: Any) -> Speculation:
@@ -333,9 +399,9 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
 
 
 def _parse(data: dict[str, Any], where: str) -> Recipe:
-    tables = (*STAGES, "speculate", "devices")
+    tables = (*STAGES, "speculate", "quantize", "devices")
     top = [f.name for f in dataclasses.fields(Recipe) if f.name not in tables]
-    allowed = top + list(STAGES) + ["speculate", *DEVICE_TYPES]
+    allowed = top + list(STAGES) + ["speculate", "quantize", *DEVICE_TYPES]
     for key in data:
         if key not in allowed:
             raise GsoptError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
@@ -346,6 +412,8 @@ def _parse(data: dict[str, Any], where: str) -> Recipe:
             fields[key] = _stage(where, key, value)
         elif key == "speculate":
             fields[key] = _speculation(where, value)
+        elif key == "quantize":
+            fields[key] = _quantization(where, value)
         else:
             _check_value(where, key, value, getattr(defaults, key))
             fields[key] = value

@@ -11,7 +11,6 @@ import torch
 
 import gsopt
 from gsopt import bench, report
-from gsopt.config import VARIANTS
 from gsopt.pipeline import STAGES
 
 
@@ -59,9 +58,8 @@ def test_bench_writes_every_field(results):
         assert row["decode_ms_per_token"]["median_ms"] > 0
         assert row["peak_memory_bytes"] > 0
         roof = row["roofline"]
-        assert roof["bytes_per_step"] == bench.decode_step_bytes(
-            VARIANTS["tiny"], 2, row["prompt_tokens"] + 2, torch.float32
-        )
+        tiny = gsopt.load_model("tiny", lora="none")
+        assert roof["bytes_per_step"] == bench.decode_step_bytes(tiny, 2, row["prompt_tokens"] + 2)
         assert 0 < roof["mbu"] <= 1 and roof["achieved_GBps"] > 0
         assert roof["mbu"] == pytest.approx(roof["achieved_GBps"] / roof["ceiling_GBps"])
         assert set(row["speedup"]) == {
@@ -119,18 +117,9 @@ def test_decode_step_bytes_hand_count():
     embedding_rows = batch * 64
     cache = 2 * 2 * batch * cache_len * kv  # layers x (K, V) x B x positions x kv width
     expected = 4 * (weights + embedding_rows + cache)
-    assert bench.decode_step_bytes(VARIANTS["tiny"], batch, cache_len, torch.float32) == expected
-    assert bench.decode_step_bytes(VARIANTS["tiny"], batch, cache_len, torch.bfloat16) * 2 == (
-        expected
-    )
-
-
-def test_decode_step_weights_match_the_model():
-    """The formula's weight part is every decoder parameter but the embedding table."""
     model = gsopt.load_model("tiny", lora="none")
-    params = sum(p.numel() for n, p in model.decoder.named_parameters() if "embedding" not in n)
-    emb = VARIANTS["tiny"].decoder.emb_dim
-    assert bench.decode_step_bytes(VARIANTS["tiny"], 1, 0, torch.float32) == 4 * (params + emb)
+    assert bench.decode_step_bytes(model, batch, cache_len) == expected
+    assert bench.decode_step_bytes(model.to(torch.bfloat16), batch, cache_len) * 2 == expected
 
 
 def test_impossible_bandwidth_is_a_bug():
