@@ -22,6 +22,7 @@ from tabulate import tabulate
 from gsopt.accuracy import teacher_forced
 from gsopt.audio import load_audio, sample_audio
 from gsopt.checkpoint import load_model
+from gsopt.ctc_pipeline import CTC_STAGES, CTCPipeline
 from gsopt.errors import GsoptError
 from gsopt.measure import Call, interleave, pipeline_runner, ratio_spread
 from gsopt.pipeline import STAGES, Pipeline, Stages
@@ -60,7 +61,7 @@ def stage_rows(
     speed-up with the spread of the per-round ratios. An unchanged stage has no speed-up:
     any difference there is noise."""
     rows = []
-    for stage in STAGES:
+    for stage in STAGES if isinstance(stages, Stages) else CTC_STAGES:
         fn = getattr(stages, stage)
         compiled = getattr(fn, "step", fn)  # a captured step wraps a compiled one
         if stage == "decode":  # per token, per round: the median step of each call
@@ -251,9 +252,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         table,
         "",
-        "decode: ms per token; other stages: ms per call. Speed-ups are medians of the "
-        "per-round ratios, with their 10th-90th percentiles; a stage the recipe leaves as the "
-        "baseline runs it shows '-'.",
+        (
+            "decode: ms per token; other stages: ms per call."
+            if any(r["stage"] == "decode" for r in report["stages"])
+            else "ms per call. Granite Speech 5.0 (CTC) has no projector and no decoder: "
+            "no prefill or decode stage to show."
+        )
+        + " Speed-ups are medians of the per-round ratios, with their 10th-90th "
+        "percentiles; a stage the recipe leaves as the baseline runs it shows '-'.",
         "",
         f"End to end: eager {e2e['eager_ms']:.1f} ms, recipe {e2e['recipe_ms']:.1f} ms "
         f"({_speedup(e2e)}); {e2e['saved_ms']:.1f} ms saved, "
@@ -299,7 +305,8 @@ def run(args: argparse.Namespace) -> int:
     resolve_dtype(dtype_name, device)
     waves = [load_audio(f) for f in args.audio] if args.audio else [sample_audio()]
     model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
-    template = prompt_template(model.config, source)
+    ctc = not hasattr(model, "decoder")  # Granite Speech 5.0: no prompt, no decoder
+    template = None if ctc else prompt_template(model.config, source)
 
     # A recipe that transforms the model (dtype, merged LoRA, kernels) gets its own copy, so
     # both run interleaved on the same weights; one that only wraps stages shares the model.
@@ -314,14 +321,13 @@ def run(args: argparse.Namespace) -> int:
             target_source=source,
         )
     stages = apply(recipe_model, recipe, draft)
-    recipe_pipeline = Pipeline(recipe_model, stages)
+    recipe_pipeline = (CTCPipeline if ctc else Pipeline)(recipe_model, stages)
+    baseline = CTCPipeline(model) if ctc else Pipeline(model, Stages.eager(model, "dynamic"))
     runners = {
-        "eager": pipeline_runner(
-            Pipeline(model, Stages.eager(model, "dynamic")), waves, template, args.max_new_tokens
-        ),
+        "eager": pipeline_runner(baseline, waves, template, args.max_new_tokens),
         "recipe": pipeline_runner(recipe_pipeline, waves, template, args.max_new_tokens),
     }
-    compiles = any(isinstance(getattr(stages, s), CompiledStage) for s in STAGES)
+    compiles = any(isinstance(getattr(stages, s), CompiledStage) for s in stages.labels)
     if compiles:
         print(
             f"gsopt apply: compiling {recipe.name}'s stages on the first call (on a CPU this "
@@ -341,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
             f"{divergence[0]}, token {divergence[1]}"
         )
     accuracy = None
-    if recipe_model is not model and lossy:  # a transformed model: how far did it move?
+    if recipe_model is not model and lossy and not ctc:  # how far did the model move?
         accuracy = teacher_forced(model, recipe_model, waves, template, eager[-1].tokens)
     report = {
         "recipe": recipe.to_dict(),
@@ -360,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
         "lossy": lossy,
         "accuracy": accuracy,
         "speculation": recipe_pipeline.speculation_stats.to_json()
-        if stages.speculation is not None
+        if getattr(stages, "speculation", None) is not None
         else None,
         "notes": stages.notes,
     }

@@ -68,9 +68,9 @@ MAX_CEILING_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 
 class ReadCeiling:
     """The rate at which this device reads memory the way a decode step does: a GEMV over a
-    weight of the step's size (and a sum over it), in the row's dtype. One sample per round,
-    interleaved with the rows it is compared to; the ceiling is the best sample. A step whose
-    weights fit in a cache gets a cache-sized ceiling, as it should."""
+    weight of the step's size (and a sum over it), in the row's dtype. Sampled after every
+    call, interleaved with the rows it is compared to; the ceiling is the best sample. A step
+    whose weights fit in a cache gets a cache-sized ceiling, as it should."""
 
     def __init__(self, device: torch.device, nbytes: int, dtype: torch.dtype):
         nbytes = min(nbytes, MAX_CEILING_BYTES[device.type])
@@ -352,10 +352,9 @@ def _point_rows(
     def before(name: str) -> None:
         bar.set_postfix_str(f"{name} {dtype_name} {seconds:g}s B={batch} N={new_tokens}")
         _reset_peak(device)
-        if name == next(iter(runners)):  # one ceiling sample per round
-            ceiling.sample()
 
     def after(name: str, call: Call | None) -> None:
+        ceiling.sample()  # beside every call: the same spells of load as the rows see
         bar.update()
         peaks[name] = max(peaks[name], peak_memory(device))
 
@@ -493,7 +492,8 @@ def run(args: argparse.Namespace) -> int:
             "audio": "bundled sample clip tiled/cropped to each length; batch = B copies",
         },
         "read_ceiling": "best of a GEMV and a sum over a weight the size of the step's "
-        "bytes (capped at 1 GiB on CPU, 4 GiB on CUDA), one sample per round, in the row's dtype",
+        "bytes (capped at 1 GiB on CPU, 4 GiB on CUDA), sampled after every call, in the "
+        "row's dtype",
         "memory_kind": memory_kind(device),
         "rows": rows,
     }

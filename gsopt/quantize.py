@@ -114,7 +114,7 @@ def quantize_model(model, q: Quantization) -> None:
     (writing that file)."""
     from torchao.quantization import quantize_
 
-    device = model.decoder.base_model.embedding.weight.device
+    device = next(model.parameters()).device
     check(model, q, device)
     for module in _targets(model, q).values():
         module.to(DTYPES[q.compute_dtype])
@@ -169,7 +169,7 @@ def load_quantized(model, q: Quantization, path: Path) -> None:
                 f"{path}: {key} has shape {tuple(tensor.shape)}, this model's is "
                 f"{tuple(expected[key].shape)}; delete the file to quantize afresh"
             )
-    device = model.decoder.base_model.embedding.weight.device
+    device = next(model.parameters()).device
     for stage, module in _targets(model, q).items():
         prefix = f"{stage}."
         mine = {k[len(prefix) :]: v.to(device) for k, v in state.items() if k.startswith(prefix)}

@@ -150,7 +150,7 @@ class CastDtype:
     stages = STAGES
 
     def changes(self, model) -> bool:
-        return model.projector.query.dtype != DTYPES[self.dtype]
+        return _dtype(model) != DTYPES[self.dtype]
 
     def __call__(self, model) -> None:
         model.to(DTYPES[self.dtype])
@@ -163,7 +163,7 @@ class MergeLoRA:
     stages = ("prefill", "decode")
 
     def changes(self, model) -> bool:
-        return model.lora_mode == "live"
+        return getattr(model, "lora_mode", "none") == "live"
 
     def __call__(self, model) -> None:
         merge_audio_lora_(model)
@@ -206,7 +206,8 @@ class PackLinears:
         return has_plain_linears(model)
 
     def __call__(self, model) -> None:
-        pack_linears_(model.decoder, self.keep_plain_decoder)
+        if hasattr(model, "decoder"):
+            pack_linears_(model.decoder, self.keep_plain_decoder)
         pack_linears_(model)
 
 
@@ -266,8 +267,17 @@ def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) ->
     return reasons
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    """The model's floating-point dtype (its first floating parameter's)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def changes_model(model: torch.nn.Module, recipe: Recipe) -> bool:
-    device = model.decoder.head.weight.device
+    device = _device(model)
     recipe = recipe.for_device(device.type)
     return any(t.changes(model) for t in model_transforms(recipe, device))
 
@@ -592,14 +602,27 @@ def _changed_stages(recipe: Recipe, settings: dict[str, StageRecipe]) -> set[str
 def apply(model: torch.nn.Module, recipe: Recipe, draft_model=None) -> Stages:
     """Transform `model` as the recipe says and return its stages (eager, compiled or
     captured). A recipe that drafts with a model takes it as `draft_model` (loaded with
-    `load_draft_model`), unless its [speculate] table names a checkpoint folder."""
-    device = model.decoder.head.weight.device
+    `load_draft_model`), unless its [speculate] table names a checkpoint folder. A Granite
+    Speech 5.0 (CTC) model gets `CTCStages`: the settings it has stages for."""
+    device = _device(model)
     cuda = device.type == "cuda"
     recipe = recipe.for_device(device.type)
     notes: list[str] = []
     settings = {s: _portable(s, getattr(recipe, s), cuda, notes) for s in STAGES}
     if recipe.linear == "onednn" and cuda:
         notes.append("linear = 'onednn' is a CPU kernel; CUDA kept its own linears")
+    if not hasattr(model, "decoder"):  # Granite Speech 5.0: encoder-only CTC
+        from gsopt.ctc_pipeline import apply_ctc
+
+        transforms = [
+            t
+            for t in model_transforms(recipe, device)
+            if not isinstance(t, MergeLoRA)
+            and (not isinstance(t, Quantize) or "encoder" in t.settings.stages)
+        ]
+        if recipe.quantize is not None and "encoder" not in recipe.quantize.stages:
+            notes.append("quantize: Granite Speech 5.0 (CTC) has no decoder; ignored")
+        return apply_ctc(model, recipe, settings, notes, transforms)
     changed = _changed_stages(recipe, settings)
     for transform in model_transforms(recipe, device):
         if transform.changes(model):

@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from gsopt.config import VARIANTS, GraniteSpeechConfig
+from gsopt.config import CTC_VARIANTS, VARIANTS, GraniteSpeechConfig, GraniteSpeechCTCConfig
 from gsopt.errors import GsoptError
 
 AUDIO_TOKEN = "<|audio|>"
@@ -34,8 +34,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def load_tokenizer(source: str | Path, config: GraniteSpeechConfig) -> PreTrainedTokenizerBase:
     """The checkpoint folder's tokenizer, or a synthetic one when `source` names a variant."""
-    if str(source) in VARIANTS:
-        return synthetic_tokenizer(config)
+    ctc = isinstance(config, GraniteSpeechCTCConfig)
+    if str(source) in VARIANTS or str(source) in CTC_VARIANTS:
+        return synthetic_ctc_tokenizer(config) if ctc else synthetic_tokenizer(config)
     folder = Path(source)
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         raise GsoptError(
@@ -47,6 +48,8 @@ def load_tokenizer(source: str | Path, config: GraniteSpeechConfig) -> PreTraine
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GsoptError(f"{folder}: the tokenizer does not load ({first_line})") from None
+    if ctc:  # its labels are the tokenizer's ids; no prompt, no audio placeholder
+        return tokenizer
     audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     if audio_id != config.audio_token_id:
         raise GsoptError(
@@ -92,6 +95,21 @@ def synthetic_tokenizer(config: GraniteSpeechConfig) -> PreTrainedTokenizerFast:
     backend.decoder = decoders.Replace(space, " ")
     backend.add_special_tokens([AddedToken(token, special=True) for token in specials.values()])
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT)
+
+
+def synthetic_ctc_tokenizer(config: GraniteSpeechCTCConfig) -> PreTrainedTokenizerFast:
+    """A word-level stand-in for a CTC variant's BPE units: the blank, then one filler word
+    per label (random weights print words, not bytes)."""
+    space = bytes_to_unicode()[ord(" ")]
+    blank = "<blank>"
+    vocab = {blank: config.blank_id}
+    labels = [i for i in range(config.vocab_size) if i != config.blank_id]
+    vocab |= {space + _filler_word(n): label for n, label in enumerate(labels)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.Replace(space, " ")
+    backend.add_special_tokens([AddedToken(blank, special=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
 def prompt_text(tokenizer: PreTrainedTokenizerBase, instruction: str | None = None) -> str:

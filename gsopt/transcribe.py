@@ -24,11 +24,12 @@ from transformers import PreTrainedTokenizerBase
 
 from gsopt.audio import SAMPLE_AUDIO, load_audio
 from gsopt.checkpoint import load_config, load_model
-from gsopt.config import VARIANTS, GraniteSpeechConfig
+from gsopt.config import VARIANTS, GraniteSpeechConfig, GraniteSpeechCTCConfig
+from gsopt.ctc_pipeline import CTCPipeline
 from gsopt.errors import GsoptError
 from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE
 from gsopt.generate import truncate_at_eos
-from gsopt.pipeline import STAGES, Pipeline, Stages
+from gsopt.pipeline import Pipeline
 from gsopt.recipe import Recipe, load_draft_model, load_recipe
 from gsopt.recipe import apply as apply_recipe
 from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
@@ -109,15 +110,17 @@ def check_clip_lengths(
             )
 
 
-def pipeline_for(model, recipe: Recipe | None, tokenizer=None, draft_model=None) -> Pipeline:
+def pipeline_for(model, recipe: Recipe | None, tokenizer=None, draft_model=None):
     """Eager stages, or the ones the recipe builds (it may also merge the LoRA or cast);
-    `draft_model` for a recipe that drafts with one."""
+    `draft_model` for a recipe that drafts with one. A Granite Speech 5.0 (CTC) model gets
+    a `CTCPipeline`."""
+    kind = Pipeline if hasattr(model, "decoder") else CTCPipeline
     if recipe is None:
-        return Pipeline(model, Stages.eager(model), tokenizer)
+        return kind(model, None, tokenizer)
     stages = apply_recipe(model, recipe, draft_model)
     for note in stages.notes:
         log.warning("recipe %s: %s", recipe.name, note)
-    return Pipeline(model, stages, tokenizer)
+    return kind(model, stages, tokenizer)
 
 
 def _run_batch(
@@ -130,32 +133,40 @@ def _run_batch(
     max_new_tokens: int,
 ) -> list[Transcription]:
     config = pipeline.model.config
+    ctc = isinstance(pipeline, CTCPipeline)
     timer = StageTimer(pipeline.device, per_step=False)  # no sync per token
     pipeline.speculation_stats = SpeculationStats()
     start = time.perf_counter()
     tokens = pipeline(waveforms, template, max_new_tokens, stop_at_eos=True, timer=timer)
-    rows = truncate_at_eos(tokens.cpu(), config.eos_token_id)
+    if ctc:  # each row's labels, padded with -1
+        rows = [[t for t in row if t >= 0] for row in tokens.tolist()]
+    else:
+        rows = truncate_at_eos(tokens.cpu(), config.eos_token_id)
     seconds = time.perf_counter() - start
+    speculation = getattr(pipeline.stages, "speculation", None)
     timings = BatchTimings(
         index=index,
         size=len(waveforms),
         audio_seconds=sum(len(wave) for wave in waveforms) / SAMPLE_RATE,
         seconds=seconds,
-        stages={name: sum(timer.times[name]) for name in (*STAGES, "ctc") if name in timer.times},
-        decode_steps=tokens.shape[1] - 1,
-        speculation=pipeline.speculation_stats.to_json()
-        if pipeline.stages.speculation is not None
-        else None,
+        stages={name: sum(times) for name, times in timer.times.items()},
+        decode_steps=0 if ctc else tokens.shape[1] - 1,
+        speculation=pipeline.speculation_stats.to_json() if speculation is not None else None,
     )
     results = []
     for path, wave, row in zip(paths, waveforms, rows, strict=True):
-        generated = row[:-1] if row and row[-1] == config.eos_token_id else row
+        if ctc:
+            generated, text, prompt_tokens = row, pipeline.text(row), 0
+        else:
+            generated = row[:-1] if row and row[-1] == config.eos_token_id else row
+            text = decode(tokenizer, generated)
+            prompt_tokens = len(template) - 1 + config.audio_tokens(len(wave))
         results.append(
             Transcription(
                 path=str(path),
-                text=decode(tokenizer, generated),
+                text=text,
                 tokens=generated,
-                prompt_tokens=len(template) - 1 + config.audio_tokens(len(wave)),
+                prompt_tokens=prompt_tokens,
                 audio_seconds=len(wave) / SAMPLE_RATE,
                 timings=timings,
             )
@@ -195,8 +206,13 @@ def transcribe(
     waveforms = [load_audio(path) for path in paths]
     config = load_config(model)
     tokenizer = load_tokenizer(model, config)
-    template = prompt_ids(tokenizer, config.audio_token_id, prompt)
-    check_clip_lengths(paths, waveforms, config, len(template) - 1, max_new_tokens)
+    if isinstance(config, GraniteSpeechCTCConfig):  # no decoder: no prompt, no positions
+        if prompt is not None:
+            raise GsoptError("--prompt: Granite Speech 5.0 (CTC) takes no prompt; drop it")
+        template = None
+    else:
+        template = prompt_ids(tokenizer, config.audio_token_id, prompt)
+        check_clip_lengths(paths, waveforms, config, len(template) - 1, max_new_tokens)
     settings = load_recipe(recipe) if recipe is not None else None
     draft = None
     if draft_model is not None:
