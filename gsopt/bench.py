@@ -26,10 +26,11 @@ from tqdm import tqdm
 from gsopt.apply import default_model, environment, prompt_template, to_json, write_atomic
 from gsopt.audio import sample_audio
 from gsopt.checkpoint import from_hf_state_dict, load_config, load_model
-from gsopt.config import VARIANTS, to_hf_config
+from gsopt.config import CTC_VARIANTS, VARIANTS, GraniteSpeechCTCConfig, to_hf_config
+from gsopt.ctc_pipeline import CTCPipeline
 from gsopt.drafts import oracle
 from gsopt.errors import GsoptError
-from gsopt.frontend import SAMPLE_RATE, LogMelFrontend, num_audio_tokens
+from gsopt.frontend import SAMPLE_RATE, LogMelDeltaFrontend, LogMelFrontend, num_audio_tokens
 from gsopt.measure import Call, interleave, pipeline_runner, stats_ms
 from gsopt.pipeline import STAGES, Pipeline, prompt_for
 from gsopt.quantize import stored_bytes
@@ -114,17 +115,48 @@ def reference_pair(source: str, device: torch.device, dtype: torch.dtype, with_p
     random transformers weights built on the device, and gsopt's model is made from that
     state dict in memory (no multi-GB save and load); a checkpoint folder is loaded by both.
     The LoRA adapter is left out on both sides."""
-    from transformers import GraniteSpeechForConditionalGeneration as HFModel
-
-    if source not in VARIANTS:
+    config = load_config(source)
+    hf_class = _hf_class(config)
+    if source not in VARIANTS and source not in CTC_VARIANTS:
         model = load_model(source, device=device, dtype=dtype, lora="none")
-        hf = HFModel.from_pretrained(source, dtype=dtype).to(device) if with_peer else None
+        hf = hf_class.from_pretrained(source, dtype=dtype).to(device) if with_peer else None
         return model, hf.eval() if hf is not None else None
     torch.manual_seed(0)
     with torch.device(device):
-        hf = HFModel._from_config(to_hf_config(VARIANTS[source]), dtype=dtype).eval()
-    model = from_hf_state_dict(VARIANTS[source], hf.state_dict(), dtype).eval()
+        hf = hf_class._from_config(to_hf_config(config), dtype=dtype).eval()
+    model = from_hf_state_dict(config, hf.state_dict(), dtype).eval()
     return model, hf if with_peer else None
+
+
+def _hf_class(config):
+    """transformers' class for a config: the speech LLM, its Plus form, or the 5.0 CTC."""
+    import transformers
+
+    if isinstance(config, GraniteSpeechCTCConfig):
+        return transformers.GraniteSpeech5ForCTC
+    if config.encoder.cat_hidden_layers:
+        return transformers.GraniteSpeechPlusForConditionalGeneration
+    return transformers.GraniteSpeechForConditionalGeneration
+
+
+def ctc_peer_runner(hf, waves):
+    """transformers' CTC forward and argmax on gsopt's 5.0 frontend features (its feature
+    extractor needs torchaudio, which does not install beside this torch)."""
+    device = hf.device
+    frontend = LogMelDeltaFrontend().to(device)
+    dtype = next(hf.parameters()).dtype
+    waves_t = torch.stack(waves).to(device)
+
+    def call(annotate: bool = False) -> Call:
+        timer = StageTimer(device)
+        with timer("total"), torch.no_grad():
+            with timer("frontend"):
+                features, _ = frontend(waves_t)
+            with timer("encoder"):
+                hf(input_features=features.to(dtype)).logits.argmax(-1)
+        return Call(dict(timer.times), timer.times.pop("total")[0])
+
+    return call
 
 
 def clip(seconds: float) -> torch.Tensor:
@@ -184,7 +216,8 @@ def recipe_runner(model, recipe_name: str, waves, template, new_tokens: int, **o
     recipe = load_recipe(recipe_name)
     if changes_model(model, recipe):
         model = copy.deepcopy(model)
-    pipeline = Pipeline(model, apply(model, recipe, options.get("draft_model")))
+    kind = Pipeline if hasattr(model, "decoder") else CTCPipeline
+    pipeline = kind(model, apply(model, recipe, options.get("draft_model")))
     drafts = {"drafts": options["drafts"]} if options.get("drafts") is not None else {}
     return pipeline_runner(pipeline, waves, template, new_tokens, **drafts), pipeline
 
@@ -286,12 +319,15 @@ def _point_rows(
     draft_model=None,
 ) -> list[dict[str, Any]]:
     waves = [clip(seconds)] * batch
-    template = prompt_template(model.config)
-    audio_tokens = num_audio_tokens(len(waves[0]))
-    prompt_len = len(prompt_for(audio_tokens, template, model.config.audio_token_id))
+    ctc = not hasattr(model, "decoder")  # Granite Speech 5.0: no prompt, no decode step
+    template = None if ctc else prompt_template(model.config)
     audio_s, tokens = seconds * batch, batch * new_tokens
-    cache_len = prompt_len + new_tokens // 2  # the average position of a decode step
-    step_bytes = decode_step_bytes(model, batch, cache_len)
+    prompt_len = cache_len = step_bytes = 0
+    if not ctc:
+        audio_tokens = num_audio_tokens(len(waves[0]))
+        prompt_len = len(prompt_for(audio_tokens, template, model.config.audio_token_id))
+        cache_len = prompt_len + new_tokens // 2  # the average position of a decode step
+        step_bytes = decode_step_bytes(model, batch, cache_len)
     names = [*peers, *row_names(recipes, args.draft_accuracy)]
     # Oracle drafts come from the clip's own greedy output (random weights make real CTC
     # drafts noise); a fixed seed per accuracy.
@@ -315,7 +351,7 @@ def _point_rows(
 
     def failed(name: str, e: Exception) -> None:
         """A peer or recipe that cannot run here is a result, not a crash."""
-        if name not in PEERS and isinstance(e, GsoptError):
+        if name not in PEERS and isinstance(e, GsoptError) and not ctc:
             raise e
         rows[name]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -323,7 +359,11 @@ def _point_rows(
     runners, pipelines = {}, {}
     for name in names:
         try:
-            if name in PEERS:
+            if name in PEERS and ctc:
+                if name != "transformers-eager":
+                    raise GsoptError(f"{name}: a CTC model has no generate to compile")
+                runners[name] = ctc_peer_runner(hf, waves)
+            elif name in PEERS:
                 runners[name] = peer_runner(hf, name, waves, template, new_tokens)
             else:
                 recipe, _, accuracy = name.partition("@")
@@ -347,35 +387,37 @@ def _point_rows(
         except Exception as e:
             failed(name, e)
     peaks = dict.fromkeys(runners, 0)
-    ceiling = ReadCeiling(device, step_bytes, DTYPES[dtype_name])
+    ceiling = ReadCeiling(device, step_bytes, DTYPES[dtype_name]) if step_bytes else None
 
     def before(name: str) -> None:
         bar.set_postfix_str(f"{name} {dtype_name} {seconds:g}s B={batch} N={new_tokens}")
         _reset_peak(device)
 
     def after(name: str, call: Call | None) -> None:
-        ceiling.sample()  # beside every call: the same spells of load as the rows see
+        if ceiling is not None:  # beside every call: the same spells of load as the rows see
+            ceiling.sample()
         bar.update()
         peaks[name] = max(peaks[name], peak_memory(device))
 
     calls = interleave(
         runners, args.repeats + 1, before_call=before, after_call=after, on_error=failed
     )
-    del ceiling.weight
+    if ceiling is not None:
+        del ceiling.weight  # the memory, not the measurement
     for name, call in runners.items():
         row = rows[name]
         if row["error"] is not None:
             continue
         row.update(_summary(calls[name], audio_s, tokens))
         row["peak_memory_bytes"] = peaks[name]
-        if row["decode_ms_per_token"] is not None:
+        if row["decode_ms_per_token"] is not None and not ctc:
             step_s = row["decode_ms_per_token"]["median_ms"] / 1e3
             mine = pipelines[name].model if name in pipelines else model  # quantized, packed
             row["roofline"] = roofline(
                 decode_step_bytes(mine, batch, cache_len), step_s, ceiling.best
             )
         pipeline = pipelines.get(name)
-        if pipeline is not None and pipeline.stages.speculation is not None:
+        if pipeline is not None and getattr(pipeline.stages, "speculation", None) is not None:
             row["speculation"] = {
                 key: value / len(calls[name]) if key not in ("tokens_per_forward",) else value
                 for key, value in pipeline.speculation_stats.to_json().items()
@@ -441,8 +483,10 @@ def run(args: argparse.Namespace) -> int:
     seconds = _numbers("--audio-seconds", args.audio_seconds, float, 0.1)
     batches = _numbers("--batch", args.batch, int, 1)
     new_tokens = _numbers("--max-new-tokens", args.max_new_tokens, int, 1)
-    template = prompt_template(config)
-    for s, n in [(max(seconds), max(new_tokens))]:
+    template = [] if isinstance(config, GraniteSpeechCTCConfig) else prompt_template(config)
+    if not template:  # a CTC model has a forward to time, no generate to compile
+        peers = [p for p in peers if p == "transformers-eager"]
+    for s, n in [(max(seconds), max(new_tokens))] if template else []:
         positions = len(template) - 1 + config.audio_tokens(int(s * SAMPLE_RATE)) + n
         if positions > config.decoder.max_expected_seq_len:
             raise GsoptError(

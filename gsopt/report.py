@@ -272,6 +272,8 @@ def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
         plt.close(fig)
 
     measured = [r for r in ok if r.get("roofline")]
+    if not measured:  # no decode step (Granite Speech 5.0): no roofline to draw
+        return out
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(measured)), 4.5))
     values = [100 * r["roofline"]["mbu"] for r in measured]
     bars = ax.bar([f"{r['name']}\n{_point(r)}" for r in measured], values)

@@ -73,3 +73,36 @@ def test_apply_on_the_ctc_model_reports_only_its_stages(capsys, tmp_path):
     assert any("no projector stage" in note for note in report["notes"])
     text = (out / "report.md").read_text()
     assert "| prefill" not in text and "no decoder" in text
+
+
+def test_bench_times_the_ctc_model_beside_transformers(tmp_path):
+    import argparse
+
+    from gsopt import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    out = tmp_path / "ctc.json"
+    args = parser.parse_args(
+        [
+            "bench",
+            "--model",
+            "tiny-ctc",
+            "--device",
+            "cpu",
+            "--recipes",
+            "eager",
+            "--audio-seconds",
+            "1",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert args.run(args) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"transformers-eager", "eager"}
+    assert all(r["error"] is None for r in rows.values())
+    assert set(rows["eager"]["stages"]) == {"frontend", "encoder"}
+    assert rows["eager"]["decode_ms_per_token"] is None and "roofline" not in rows["eager"]
