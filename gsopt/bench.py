@@ -478,6 +478,9 @@ def run(args: argparse.Namespace) -> int:
         load_recipe(name)  # unknown names fail before any model is built
     if args.repeats < 1:
         raise GsoptError(f"--repeats must be at least 1, got {args.repeats}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise GsoptError(f"--out {out}: is a folder; name the JSON file to write")
     config = load_config(source)
     peers = _peers(args.peers)
     seconds = _numbers("--audio-seconds", args.audio_seconds, float, 0.1)
@@ -548,14 +551,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("bench", help="sweep recipes against transformers; write JSON")
-    parser.add_argument("--recipes", default="eager,static-kv,compile-decoder")
+    parser = subparsers.add_parser(
+        "bench",
+        help="sweep recipes against transformers; write JSON",
+        description="Time recipes x audio length x batch size x new tokens x dtype, rows "
+        "interleaved, beside transformers baselines on the same weights (by default two: "
+        "eager generate, and static cache + compile; for a variant name the weights are "
+        "random and built in memory), and write one JSON record for `gsopt report`.",
+    )
+    parser.add_argument("--recipes", default="eager,static-kv,compile-decoder", help="comma list")
     parser.add_argument("--model", help="checkpoint folder or variant (default: fits the device)")
     parser.add_argument("--audio-seconds", default="10", help="comma list, e.g. 3,10,30")
-    parser.add_argument("--batch", default="1", help="comma list, e.g. 1,8,64")
+    parser.add_argument(
+        "--batch-size", "--batch", dest="batch", default="1", help="comma list, e.g. 1,8,64"
+    )
     parser.add_argument("--max-new-tokens", default="64", help="comma list, e.g. 64,128")
     parser.add_argument("--dtype", help="comma list of float32, bfloat16, float16")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--out", default="bench.json", help="JSON file to write")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
     parser.add_argument("--profile", type=Path, help="folder for a Chrome trace per recipe")
@@ -565,7 +577,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="transformers baselines timed on the same weights: a comma list of "
         f"{', '.join(PEERS)}, or none",
     )
-    parser.add_argument("--no-peers", dest="peers", action="store_const", const="none")
+    parser.add_argument(
+        "--no-peers", dest="peers", action="store_const", const="none", help="--peers none"
+    )
     parser.add_argument(
         "--draft-accuracy",
         metavar="LIST",

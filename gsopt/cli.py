@@ -1,14 +1,17 @@
-"""`python -m gsopt COMMAND`: each command lives in its own module and adds its own parser.
+"""gsopt: transcribe speech with IBM's Granite Speech, and make it fast stage by stage.
 
-User mistakes (`GsoptError`) print as one line on stderr with exit status 2; bugs still
-raise with a traceback.
+Each command lives in its own module and adds its own parser. User mistakes (`GsoptError`)
+print as one line on stderr with exit status 2; Ctrl-C prints `interrupted` and exits 130;
+bugs still raise with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
+from importlib.metadata import version
 
 from gsopt.errors import GsoptError
 
@@ -22,17 +25,40 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = (
+    "Transcribe speech with IBM's Granite Speech on IBM's Foundation Model Stack, and make "
+    "it fast: apply a recipe (compiled stages, CUDA graphs, Triton attention, a static KV "
+    "cache, speculative decoding, quantized weights), check it against eager, time it."
+)
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, unless the help already says it (or it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gsopt", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in COMMANDS.values():
-        importlib.import_module(module).add_parser(subparsers)
-    args = parser.parse_args(argv)
+    command = "gsopt"
     try:
+        parser = argparse.ArgumentParser(prog="gsopt", description=DESCRIPTION)
+        parser.add_argument("--version", action="version", version=f"gsopt {version('gsopt')}")
+        subparsers = parser.add_subparsers(
+            dest="command",
+            required=True,
+            parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_Defaults),
+        )
+        for module in COMMANDS.values():
+            importlib.import_module(module).add_parser(subparsers)
+        args = parser.parse_args(argv)
+        command = f"gsopt {args.command}"
         return args.run(args) or 0
     except GsoptError as e:
-        print(f"gsopt {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gsopt {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130

@@ -406,6 +406,16 @@ def _require(section: dict[str, Any], key: str, where: str) -> Any:
     return section[key]
 
 
+def _section(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    section = _require(hf, key, "the top level")
+    if not isinstance(section, dict):
+        raise GsoptError(
+            f"config.json: {key} is {type(section).__name__} {section!r:.40}, expected an "
+            "object of settings"
+        )
+    return section
+
+
 def _rope_theta(text: dict[str, Any]) -> float:
     rope = text.get("rope_parameters") or {}
     scaling = text.get("rope_scaling")
@@ -435,9 +445,9 @@ def from_hf_config(
         if adapter is not None:
             raise GsoptError("adapter_config.json: a Granite Speech 5.0 CTC model takes no adapter")
         return _ctc_from_hf_config(hf)
-    enc = _require(hf, "encoder_config", "the top level")
-    proj = _require(hf, "projector_config", "the top level")
-    text = _require(hf, "text_config", "the top level")
+    enc = _section(hf, "encoder_config")
+    proj = _section(hf, "projector_config")
+    text = _section(hf, "text_config")
     req = _require
 
     num_heads = req(enc, "num_heads", "encoder_config")
@@ -670,9 +680,15 @@ def _ctc_to_hf_config(config: GraniteSpeechCTCConfig):
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or a one-line error naming what is wrong with it."""
+    if path.is_dir():
+        raise GsoptError(f"{path}: is a folder; expected a JSON file")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise GsoptError(f"{path}: not found; a checkpoint folder needs config.json") from None
     except json.JSONDecodeError as e:
         raise GsoptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise GsoptError(f"{path}: holds a JSON {type(data).__name__}, expected an object")
+    return data

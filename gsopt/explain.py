@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import statistics
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from gsopt.apply import environment, prompt_template, write_atomic
+from gsopt.apply import environment, prompt_template, to_json, write_atomic
 from gsopt.checkpoint import load_model
 from gsopt.config import to_hf_config
 from gsopt.errors import GsoptError
@@ -340,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
             "notes": recipe_notes,
             "stages": [asdict(r) for r in reports],
         }
-        write_atomic(Path(args.json), json.dumps(payload, indent=2) + "\n")
+        write_atomic(Path(args.json), to_json(payload))
         print(f"wrote {args.json}")
     return 0
 

@@ -24,8 +24,9 @@ def load_results(path: Path) -> dict[str, Any]:
         raise GsoptError(f"{path}: no such results file") from None
     except json.JSONDecodeError as e:
         raise GsoptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if data.get("schema") != SCHEMA:
-        raise GsoptError(f"{path}: not a gsopt bench result (schema {data.get('schema')!r})")
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise GsoptError(f"{path}: not a gsopt bench result (schema {schema!r})")
     return data
 
 

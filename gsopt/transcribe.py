@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from gsopt.audio import SAMPLE_AUDIO, load_audio
+from gsopt.audio import SAMPLE_AUDIO, check_audio_file, load_audio
 from gsopt.checkpoint import load_config, load_model
 from gsopt.config import VARIANTS, GraniteSpeechConfig, GraniteSpeechCTCConfig
 from gsopt.ctc_pipeline import CTCPipeline
@@ -84,27 +84,33 @@ class Transcription:
 
 def check_clip_lengths(
     paths: list[Path],
-    waveforms: list[torch.Tensor],
+    num_samples: list[int],
     config: GraniteSpeechConfig,
     text_tokens: int,
     max_new_tokens: int,
 ) -> None:
     """Each clip's audio tokens, the prompt's text tokens and the new tokens must fit the
-    decoder's positions.
+    decoder's positions; the error names the budget that ran out.
 
     The limit in seconds follows from the token formula: a clip fits while its encoder frames
     stay within the whole projector windows the budget pays for.
     """
     positions = config.decoder.max_expected_seq_len
     budget = positions - text_tokens - max_new_tokens
+    if budget < config.projector.num_queries:
+        raise GsoptError(
+            f"the {text_tokens}-token prompt and --max-new-tokens {max_new_tokens} leave no "
+            f"room for audio in this model's {positions} positions; lower --max-new-tokens"
+            + (" or shorten --prompt" if text_tokens > max_new_tokens else "")
+        )
     proj = config.projector
     max_frames = budget // proj.num_queries * proj.window_size
     limit_seconds = HOP_LENGTH * (2 * max_frames + 1) / SAMPLE_RATE
-    for path, wave in zip(paths, waveforms, strict=True):
-        if config.audio_tokens(len(wave)) > budget:
+    for path, samples in zip(paths, num_samples, strict=True):
+        if config.audio_tokens(samples) > budget:
             raise GsoptError(
-                f"{path}: {len(wave) / SAMPLE_RATE:.1f} s of audio is longer than this model "
-                f"allows ({max(limit_seconds, 0.0):.1f} s: {positions} positions minus a "
+                f"{path}: {samples / SAMPLE_RATE:.1f} s of audio is longer than this model "
+                f"allows ({limit_seconds:.1f} s: {positions} positions minus a "
                 f"{text_tokens}-token text prompt and --max-new-tokens {max_new_tokens}); split "
                 "the file or lower --max-new-tokens"
             )
@@ -203,7 +209,9 @@ def transcribe(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     paths = [Path(f) for f in files] if files else [SAMPLE_AUDIO]
-    waveforms = [load_audio(path) for path in paths]
+    # Durations from the headers first: a file that is too long is refused before it is
+    # decoded (a 2-hour 48 kHz file would take gigabytes).
+    num_samples = [round(check_audio_file(path) * SAMPLE_RATE) for path in paths]
     config = load_config(model)
     tokenizer = load_tokenizer(model, config)
     if isinstance(config, GraniteSpeechCTCConfig):  # no decoder: no prompt, no positions
@@ -212,7 +220,8 @@ def transcribe(
         template = None
     else:
         template = prompt_ids(tokenizer, config.audio_token_id, prompt)
-        check_clip_lengths(paths, waveforms, config, len(template) - 1, max_new_tokens)
+        check_clip_lengths(paths, num_samples, config, len(template) - 1, max_new_tokens)
+    waveforms = [load_audio(path) for path in paths]
     settings = load_recipe(recipe) if recipe is not None else None
     draft = None
     if draft_model is not None:

@@ -1,0 +1,127 @@
+"""Every class of bad input gets one line on stderr and exit code 2, before expensive work:
+audio files, checkpoint configs, budgets, command options and output paths."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from gsopt.cli import main
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def wav(tmp_path):
+    def write(name: str, data, rate: int = 16000):
+        path = tmp_path / name
+        soundfile.write(path, np.asarray(data, dtype=np.float32), rate, subtype="FLOAT")
+        return str(path)
+
+    return write
+
+
+def test_a_clip_shorter_than_one_frame_is_refused_alone_and_in_a_batch(capsys, wav):
+    short = wav("short.wav", np.zeros(100))
+    good = wav("good.wav", 0.1 * np.random.default_rng(0).standard_normal(16000))
+    alone = one_line_error(capsys, "transcribe", short)
+    batched = one_line_error(capsys, "transcribe", good, short, "--batch-size", "2")
+    assert "shorter than one encoder frame" in alone and alone == batched
+
+
+def test_nan_or_inf_samples_are_refused(capsys, wav):
+    data = np.zeros(16000)
+    data[100] = np.nan
+    assert "NaN or infinite" in one_line_error(capsys, "transcribe", wav("nan.wav", data))
+    data[100] = np.inf
+    assert "NaN or infinite" in one_line_error(capsys, "transcribe", wav("inf.wav", data))
+
+
+def test_a_folder_given_as_audio_says_so(capsys, tmp_path):
+    assert "is a folder" in one_line_error(capsys, "transcribe", str(tmp_path))
+
+
+def test_budgets_name_what_ran_out(capsys, wav):
+    clip = wav("long.wav", np.zeros(16000 * 20), rate=8000)  # 40 s at 8 kHz
+    err = one_line_error(capsys, "transcribe", clip, "--max-new-tokens", "100000")
+    assert "leave no room for audio" in err and "--max-new-tokens" in err
+    err = one_line_error(capsys, "transcribe", clip, "--max-new-tokens", "7900")
+    assert "40.0 s of audio is longer than this model allows" in err
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("[1, 2]", "holds a JSON list, expected an object"),
+        (
+            '{"model_type": "granite_speech", "encoder_config": 5, "projector_config": {}, '
+            '"text_config": {}}',
+            "encoder_config is int 5, expected an object",
+        ),
+        (None, "is a folder; expected a JSON file"),
+    ],
+)
+def test_a_config_json_of_the_wrong_shape_names_the_field(capsys, tmp_path, config, message):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if config is None:
+        (folder / "config.json").mkdir()
+    else:
+        (folder / "config.json").write_text(config)
+    assert message in one_line_error(capsys, "transcribe", "--model", str(folder))
+
+
+def test_command_options_out_of_range(capsys, tmp_path):
+    report = tmp_path / "file.txt"
+    report.write_text("x")
+    cases = [
+        (["apply", "--recipe", "eager", "--model", "tiny", "--repeats", "0"], "--repeats"),
+        (["apply", "--recipe", "eager", "--model", "tiny", "--out", str(report)], "not a folder"),
+        (["bench", "--model", "tiny", "--batch", "0"], "--batch"),
+        (["bench", "--model", "tiny", "--batch-size", "x"], "comma-separated numbers"),
+        (["bench", "--model", "tiny", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["bench", "--model", "tiny", "--audio-seconds", "0"], "--audio-seconds"),
+        (["bench", "--model", "tiny", "--audio-seconds", "5000"], "decoder positions"),
+        (["bench", "--model", "tiny", "--out", str(tmp_path)], "is a folder"),
+    ]
+    for argv, message in cases:
+        assert message in one_line_error(capsys, *argv), argv
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert "not a gsopt bench result" in one_line_error(capsys, "report", str(empty))
+
+
+def test_reports_are_strict_json_with_the_umask_permissions(capsys, tmp_path):
+    out = tmp_path / "r"
+    argv = ["apply", "--recipe", "static-kv", "--model", "tiny", "--max-new-tokens", "1"]
+    assert main([*argv, "--repeats", "1", "--out", str(out)]) == 0
+
+    def refuse(constant: str):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    json.loads((out / "report.json").read_text(), parse_constant=refuse)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("report.json", "report.md"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("gsopt ")
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 10)" in text and "transformers" in text and "--batch-size" in text
