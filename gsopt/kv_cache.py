@@ -89,14 +89,10 @@ def cache_for(model: torch.nn.Module, batch: int, needed: int, max_seq_len: int)
             capacity *= 2
         caches.pop(key, None)  # free the old buffers before the new ones are made
         dec = model.config.decoder
+        # The layers' own kv heads: under tensor parallelism each rank holds its share.
+        kvheads = model.decoder.base_model.layers[0].attn.kvheads
         cache = caches[key] = StaticKVCache(
-            batch,
-            capacity,
-            dec.nlayers,
-            dec.kvheads or dec.nheads,
-            dec.head_dim,
-            weight.dtype,
-            weight.device,
+            batch, capacity, dec.nlayers, kvheads, dec.head_dim, weight.dtype, weight.device
         )
     return cache
 

@@ -95,7 +95,10 @@ def random_adapter(config: GraniteSpeechConfig, generator: torch.Generator | Non
 
 
 def _fused_factors(
-    parts: dict[str, torch.Tensor], layer: int, config: GraniteSpeechConfig
+    parts: dict[str, torch.Tensor],
+    layer: int,
+    config: GraniteSpeechConfig,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dec = config.decoder
     q_out, kv_out = dec.nheads * dec.head_dim, dec.kvheads * dec.head_dim
@@ -116,13 +119,28 @@ def _fused_factors(
     lora_b = parts["qB"].new_zeros(q_out + 2 * kv_out, 2 * r)
     lora_b[:q_out, :r] = q_b
     lora_b[q_out + kv_out :, r:] = parts["vB"]
-    return torch.cat([parts["qA"], parts["vA"]]), lora_b
+    return torch.cat([parts["qA"], parts["vA"]]), _rank_rows(lora_b, q_out, kv_out, shard)
+
+
+def _rank_rows(rows: torch.Tensor, q_out: int, kv_out: int, shard: tuple[int, int]):
+    """The fused [q; k; v] rows that rank `shard[0]` of `shard[1]` holds under FMS's tensor
+    parallelism: its contiguous slice of each of q, k and v (their head counts divide)."""
+    rank, world = shard
+    if world == 1:
+        return rows
+    q, k, v = rows.split([q_out, kv_out, kv_out])
+    return torch.cat([part.chunk(world)[rank] for part in (q, k, v)])
 
 
 def attach_audio_lora(
-    model: nn.Module, adapter: dict[int, dict[str, torch.Tensor]], mode: LoraMode = "live"
+    model: nn.Module,
+    adapter: dict[int, dict[str, torch.Tensor]],
+    mode: LoraMode = "live",
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
-    """Install the adapter on every decoder layer's fused qkv projection, live or merged."""
+    """Install the adapter on every decoder layer's fused qkv projection, live or merged;
+    `shard` (rank, world size) when the decoder is tensor-parallel: each rank's adapter rows
+    follow its slice of the weight."""
     if mode not in LORA_MODES:
         raise GsoptError(f"unknown lora mode {mode!r}: choose one of {', '.join(LORA_MODES)}")
     config: GraniteSpeechConfig = model.config
@@ -135,7 +153,7 @@ def attach_audio_lora(
         return
     for i, layer in enumerate(layers):
         base = layer.attn.in_proj.qkv_fused
-        lora_a, lora_b = _fused_factors(adapter[i], i, config)
+        lora_a, lora_b = _fused_factors(adapter[i], i, config, shard)
         device, dtype = base.weight.device, base.weight.dtype
         wrapped = LoRAQKVLinear(
             base, lora_a.to(device, dtype), lora_b.to(device, dtype), config.lora_scale

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from fms import models
+from fms.distributed.strategy import DistributedStrategy, NoOpStrategy
 from fms.models.granite import Granite
 from fms.utils import serialization
 from torch import nn
@@ -46,12 +47,20 @@ class GraniteSpeech(nn.Module):
     `input_features_mask` marks real encoder frames [B, T] (transformers' marks projector
     outputs and never masks the encoder, so a batched clip differs from the clip alone)."""
 
-    def __init__(self, config: GraniteSpeechConfig | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        config: GraniteSpeechConfig | None = None,
+        distributed_strategy: DistributedStrategy = NoOpStrategy,
+        **kwargs: Any,
+    ):
+        """`distributed_strategy` is FMS's: with `get_model(..., distributed_strategy="tp")`
+        the decoder's layers are sharded across the group (FMS's tensor parallelism); the
+        encoder, projector, embedding and head stay whole on every rank."""
         super().__init__()
         self.config = (config or GraniteSpeechConfig()).updated(**kwargs)
         self.encoder = ConformerEncoder(self.config.encoder)
         self.projector = QFormerProjector(self.config.projector, self.config.decoder.emb_dim)
-        self.decoder = Granite(self.config.decoder)
+        self.decoder = Granite(self.config.decoder, distributed_strategy=distributed_strategy)
         self.lora_mode = "none"
 
     @classmethod

@@ -1,0 +1,64 @@
+"""FMS tensor parallelism on the CPU: 2 gloo ranks give TP=1's greedy tokens, eager and with
+a compiled decode step; each rank holds half the heads; bad head counts are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import AUDIO_TOKEN_ID, add_lora, reference_model, save_checkpoint
+
+import gsopt
+from gsopt.generate import generate
+from gsopt.tensor_parallel import check_shardable
+
+WORKER = Path(__file__).parent / "workers" / "tp_generate.py"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    ref = reference_model(seed=11)
+    lora = add_lora(ref)  # the merged LoRA must be sharded with its weight
+    return save_checkpoint(ref, tmp_path_factory.mktemp("tp"), lora=lora)
+
+
+def test_two_ranks_give_one_ranks_tokens(checkpoint, tmp_path):
+    model = gsopt.load_model(checkpoint, lora="merged")
+    torch.manual_seed(0)
+    features = torch.randn(2, 37, 160)
+    prompts = [torch.tensor([5, 6, *[AUDIO_TOKEN_ID] * 9, 7, 8])] * 2
+    with torch.no_grad():
+        expected = generate(model, prompts, model.embed_audio(features), 12, stop_at_eos=False)
+    assert len(set(expected[0].tolist())) > 3
+    out = tmp_path / "tp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    run = subprocess.run(
+        [*command, str(WORKER), str(checkpoint), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["eager"] == expected.tolist()
+    assert result["compiled"] == expected.tolist()
+    dec = model.config.decoder
+    q, kv = dec.nheads * dec.head_dim, dec.kvheads * dec.head_dim
+    assert result["qkv"] == [(q + 2 * kv) // 2, dec.emb_dim]  # each rank: half the heads
+    assert result["cache_kv_heads"] == dec.kvheads // 2
+
+
+def test_a_head_count_that_does_not_divide_is_refused():
+    config = gsopt.get_variant("tiny")  # 4 heads, 2 kv heads
+    check_shardable(config, 2)
+    with pytest.raises(gsopt.GsoptError, match="2 kv heads do not divide by 4"):
+        check_shardable(config, 4)
+    with pytest.raises(gsopt.GsoptError, match="4 attention heads do not divide by 3"):
+        check_shardable(config, 3)
