@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from gsopt import tensor_parallel
 from gsopt.accuracy import teacher_forced
 from gsopt.audio import load_audio, sample_audio
 from gsopt.checkpoint import load_model
@@ -305,7 +306,15 @@ def run(args: argparse.Namespace) -> int:
     resolve_dtype(dtype_name, device)
     files = [*args.files, *args.audio]
     waves = [load_audio(f) for f in files] if files else [sample_audio()]
-    model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
+    rank = tensor_parallel.start(args.tp)
+    if args.tp > 1:  # every rank runs both pipelines on its shard; rank 0 reports
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        model = tensor_parallel.load_tensor_parallel(
+            source, device=device, dtype=DTYPES[dtype_name], lora="live"
+        )
+    else:
+        model = load_model(source, device=device, dtype=DTYPES[dtype_name], lora="live")
     ctc = not hasattr(model, "decoder")  # Granite Speech 5.0: no prompt, no decoder
     template = None if ctc else prompt_template(model.config, source)
 
@@ -371,11 +380,13 @@ def run(args: argparse.Namespace) -> int:
         else None,
         "notes": stages.notes,
     }
+    report["tensor_parallel"] = args.tp
     markdown = render_markdown(report)
-    write_atomic(out / "report.json", to_json(report))
-    write_atomic(out / "report.md", markdown)
-    print(markdown, end="")
-    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    if rank == 0:
+        write_atomic(out / "report.json", to_json(report))
+        write_atomic(out / "report.md", markdown)
+        print(markdown, end="")
+        print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     if divergence is not None and not lossy:
         raise GsoptError(
             f"recipe {recipe.name} is lossless but changed the greedy tokens ({agreement})"
@@ -412,6 +423,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="gsopt-report", help="folder for report.json/.md")
     parser.add_argument(
         "--draft-model", metavar="DIR|VARIANT", help="the draft model of speculative-draft"
+    )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the decoder across N processes (FMS tensor parallelism); run under "
+        "torchrun --nproc-per-node N",
     )
     parser.set_defaults(run=run)
     return parser

@@ -77,3 +77,23 @@ def load_tensor_parallel(
     if adapter is not None and lora != "none":
         attach_audio_lora(model, adapter, lora, shard=(dist.get_rank(group), world))
     return model.eval()
+
+
+def start(tp: int) -> int:
+    """Join the process group torchrun set up for `--tp N` (gloo on CPU, nccl on CUDA);
+    returns this process's rank. One rank, no torchrun: nothing to join."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp != world:
+        raise GsoptError(
+            f"--tp {tp}: run under torchrun with one process per shard, e.g. "
+            f"torchrun --nproc-per-node {tp} -m gsopt ... --tp {tp} (this run has {world})"
+        )
+    if tp == 1:
+        return 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank()

@@ -62,3 +62,12 @@ def test_a_head_count_that_does_not_divide_is_refused():
         check_shardable(config, 4)
     with pytest.raises(gsopt.GsoptError, match="4 attention heads do not divide by 3"):
         check_shardable(config, 3)
+
+
+def test_tp_without_torchrun_is_a_one_line_error(capsys, monkeypatch):
+    from gsopt.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code = main(["apply", "--recipe", "eager", "--model", "tiny", "--tp", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "torchrun --nproc-per-node 2" in err
