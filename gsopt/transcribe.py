@@ -9,6 +9,7 @@ alone, so the batch size changes speed only.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from gsopt.errors import GsoptError
 from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE
 from gsopt.generate import truncate_at_eos
 from gsopt.pipeline import Pipeline
-from gsopt.recipe import Recipe, load_draft_model, load_recipe
+from gsopt.recipe import Recipe, changes_model, load_draft_model, load_recipe
 from gsopt.recipe import apply as apply_recipe
 from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
 from gsopt.speculate import SpeculationStats
@@ -180,6 +181,81 @@ def _run_batch(
     return results
 
 
+class Transcriber:
+    """Settings checked and cheap parts read on construction (config, tokenizer, prompt,
+    recipe file), the weights only on `load`: a corpus run can refuse bad input, write its
+    error records and skip work already done before paying for a multi-gigabyte load."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        recipe: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        prompt: str | None = None,
+        draft_model: str | os.PathLike | None = None,
+    ):
+        if max_new_tokens < 1:
+            raise GsoptError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        self.source = model
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_new_tokens = max_new_tokens
+        self.config = load_config(model)
+        self.tokenizer = load_tokenizer(model, self.config)
+        if isinstance(self.config, GraniteSpeechCTCConfig):  # no decoder: no prompt, positions
+            if prompt is not None:
+                raise GsoptError("--prompt: Granite Speech 5.0 (CTC) takes no prompt; drop it")
+            self.template = None
+        else:
+            self.template = prompt_ids(self.tokenizer, self.config.audio_token_id, prompt)
+            self.check_lengths([], [])  # a prompt and budget that leave no room for audio
+        self.settings = load_recipe(recipe) if recipe is not None else None
+        self.draft_model = draft_model
+        self.pipeline: Pipeline | CTCPipeline | None = None
+
+    def check_lengths(self, paths: list[Path], num_samples: list[int]) -> None:
+        """Refuse, naming the file, a clip whose audio tokens do not fit the positions."""
+        if self.template is not None:
+            text_tokens = len(self.template) - 1
+            check_clip_lengths(paths, num_samples, self.config, text_tokens, self.max_new_tokens)
+
+    def load(self, weights: torch.nn.Module | None = None) -> None:
+        """Read the weights (and the draft model's) and build the recipe's stages; or use
+        `weights` already loaded, copied first if the recipe would change them, so the
+        caller's model stays as it was (one load serves several recipes)."""
+        draft = None
+        if self.draft_model is not None:
+            draft = load_draft_model(
+                self.draft_model,
+                self.config,
+                device=self.device,
+                dtype=self.dtype,
+                target_source=self.source,
+            )
+        if weights is None:
+            weights = load_model(self.source, device=self.device, dtype=self.dtype)
+        elif self.settings is not None and changes_model(weights, self.settings):
+            weights = copy.deepcopy(weights)
+        self.pipeline = pipeline_for(weights, self.settings, self.tokenizer, draft)
+
+    def run_batch(
+        self, index: int, paths: list[Path], waveforms: list[torch.Tensor]
+    ) -> list[Transcription]:
+        """One padded batch; each result equals the clip's alone. Needs `load` first."""
+        return _run_batch(
+            self.pipeline,
+            self.tokenizer,
+            self.template,
+            index,
+            paths,
+            waveforms,
+            self.max_new_tokens,
+        )
+
+
 def transcribe(
     files: list[str | os.PathLike] | None = None,
     *,
@@ -204,32 +280,22 @@ def transcribe(
     """
     if batch_size < 1:
         raise GsoptError(f"--batch-size must be at least 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise GsoptError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    transcriber = Transcriber(
+        model,
+        recipe=recipe,
+        device=device,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        prompt=prompt,
+        draft_model=draft_model,
+    )
     paths = [Path(f) for f in files] if files else [SAMPLE_AUDIO]
     # Durations from the headers first: a file that is too long is refused before it is
     # decoded (a 2-hour 48 kHz file would take gigabytes).
     num_samples = [round(check_audio_file(path) * SAMPLE_RATE) for path in paths]
-    config = load_config(model)
-    tokenizer = load_tokenizer(model, config)
-    if isinstance(config, GraniteSpeechCTCConfig):  # no decoder: no prompt, no positions
-        if prompt is not None:
-            raise GsoptError("--prompt: Granite Speech 5.0 (CTC) takes no prompt; drop it")
-        template = None
-    else:
-        template = prompt_ids(tokenizer, config.audio_token_id, prompt)
-        check_clip_lengths(paths, num_samples, config, len(template) - 1, max_new_tokens)
+    transcriber.check_lengths(paths, num_samples)
     waveforms = [load_audio(path) for path in paths]
-    settings = load_recipe(recipe) if recipe is not None else None
-    draft = None
-    if draft_model is not None:
-        draft = load_draft_model(
-            draft_model, config, device=torch_device, dtype=torch_dtype, target_source=model
-        )
-    loaded = load_model(model, device=torch_device, dtype=torch_dtype)
-    pipeline = pipeline_for(loaded, settings, tokenizer, draft)
+    transcriber.load()
     results: list[Transcription] = []
     total_seconds = sum(len(wave) for wave in waveforms) / SAMPLE_RATE
     with tqdm(
@@ -241,15 +307,7 @@ def transcribe(
     ) as bar:
         for index, start in enumerate(range(0, len(paths), batch_size)):
             batch = slice(start, start + batch_size)
-            done = _run_batch(
-                pipeline,
-                tokenizer,
-                template,
-                index,
-                paths[batch],
-                waveforms[batch],
-                max_new_tokens,
-            )
+            done = transcriber.run_batch(index, paths[batch], waveforms[batch])
             results.extend(done)
             bar.update(round(done[0].timings.audio_seconds, 1))
     return results
