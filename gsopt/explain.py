@@ -30,6 +30,7 @@ from tabulate import tabulate
 from gsopt.apply import environment, prompt_template, to_json, write_atomic
 from gsopt.checkpoint import load_model
 from gsopt.config import to_hf_config
+from gsopt.ctc_pipeline import CTC_STAGES, CTCPipeline, CTCStages
 from gsopt.errors import GsoptError
 from gsopt.frontend import SAMPLE_RATE
 from gsopt.pipeline import STAGES, Pipeline, Stages, prompt_for
@@ -155,26 +156,35 @@ def _kernel_count() -> int:
 # --- gsopt's stages ------------------------------------------------------------------------
 
 
-def gsopt_points(
-    model, stages: Stages, seconds: list[float], batches: list[int], strategy: str
-) -> dict[str, list[tuple]]:
+def _stage_names(model) -> tuple[str, ...]:
+    return STAGES if hasattr(model, "decoder") else CTC_STAGES
+
+
+def gsopt_points(model, stages, seconds: list[float], batches: list[int], strategy: str):
     """Each stage's arguments at every sweep point, as the pipeline passes them (recorded
     from an eager run of it). `buckets` pads audio and prompts as a bucketing recipe does."""
-    points: dict[str, list[tuple]] = {s: [] for s in STAGES}
-    template = prompt_template(model.config)
+    names = _stage_names(model)
+    points: dict[str, list[tuple]] = {s: [] for s in names}
     generator = torch.Generator().manual_seed(0)
-    stages = dataclasses.replace(
-        stages,
-        audio_buckets=strategy == "buckets",
-        prefill_bucket=64 if strategy == "buckets" else 1,
-    )
-    pipeline = Pipeline(model, stages)
+    if isinstance(stages, Stages):
+        template = prompt_template(model.config)
+        stages = dataclasses.replace(
+            stages,
+            audio_buckets=strategy == "buckets",
+            prefill_bucket=64 if strategy == "buckets" else 1,
+        )
+        pipeline = Pipeline(model, stages)
+    else:  # Granite Speech 5.0: frontend and encoder only
+        template = None
+        pipeline = CTCPipeline(
+            model, dataclasses.replace(stages, audio_buckets=strategy == "buckets")
+        )
     for sec in seconds:
         for batch in batches:
             waves = [torch.randn(int(sec * SAMPLE_RATE), generator=generator) * 0.1] * batch
             record: dict[str, tuple] = {}
             pipeline(waves, template, MAX_NEW_TOKENS, record=record)
-            for stage in STAGES:
+            for stage in names:
                 points[stage].append(record[stage])
     return points
 
@@ -184,12 +194,12 @@ def explain_gsopt(
 ) -> list[StageReport]:
     """Explain each stage once (the code is the same under every strategy), then sweep it
     under each strategy."""
-    stages = Stages.eager(model)
+    stages = Stages.eager(model) if hasattr(model, "decoder") else CTCStages.eager(model)
     reports = []
     explained: dict[str, tuple] = {}
     for strategy in strategies:
         points = gsopt_points(model, stages, seconds, batches, strategy)
-        for stage in STAGES:
+        for stage in _stage_names(model):
             fn = getattr(stages, stage)
             if stage not in explained:
                 explained[stage] = _explain(fn, points[stage][0])
@@ -211,25 +221,29 @@ def explain_gsopt(
 
 
 def reference_model(model):
-    """transformers' Granite Speech with the same shapes as the gsopt model (random weights:
-    compile analysis needs shapes and code paths, not trained numbers)."""
-    from transformers import GraniteSpeechForConditionalGeneration
+    """transformers' model with the same shapes as the gsopt model (random weights: compile
+    analysis needs shapes and code paths, not trained numbers)."""
+    from gsopt.bench import _hf_class
 
-    hf = to_hf_config(model.config)
     torch.manual_seed(0)
-    device = model.decoder.head.weight.device
-    return GraniteSpeechForConditionalGeneration(hf).eval().to(device)
+    device = next(model.parameters()).device
+    return _hf_class(model.config)(to_hf_config(model.config)).eval().to(device)
 
 
 def reference_points(model, ref, seconds: list[float], batches: list[int]) -> list[tuple]:
-    template = prompt_template(model.config)
-    device = model.decoder.head.weight.device
+    device = next(model.parameters()).device
+    ctc = not hasattr(model, "decoder")
+    template = None if ctc else prompt_template(model.config)
+    width = 4 * model.config.num_mel_bins if ctc else model.config.encoder.input_dim
     points = []
     for sec in seconds:
         for batch in batches:
             samples = int(sec * SAMPLE_RATE)
             frames = (samples // 160 + 1) // 2
-            features = torch.randn(batch, frames, model.config.encoder.input_dim, device=device)
+            features = torch.randn(batch, frames, width, device=device)
+            if ctc:
+                points.append((features,))
+                continue
             ids = prompt_for(
                 model.config.audio_tokens(samples), template, ref.config.audio_token_index
             )
@@ -240,11 +254,14 @@ def reference_points(model, ref, seconds: list[float], batches: list[int]) -> li
 def explain_reference(
     model, seconds: list[float], batches: list[int], backend: str
 ) -> list[StageReport]:
-    """transformers' full forward (input_ids + input_features -> logits)."""
+    """transformers' full forward (input_ids + input_features -> logits; for 5.0 features
+    -> CTC logits)."""
     ref = reference_model(model)
 
-    def forward(input_ids: torch.Tensor, input_features: torch.Tensor) -> torch.Tensor:
-        return ref(input_ids=input_ids, input_features=input_features).logits
+    def forward(*inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) == 1:
+            return ref(input_features=inputs[0]).logits
+        return ref(input_ids=inputs[0], input_features=inputs[1]).logits
 
     points = reference_points(model, ref, seconds, batches)
     report = StageReport("transformers", "forward", "default")

@@ -106,3 +106,13 @@ def test_bench_times_the_ctc_model_beside_transformers(tmp_path):
     assert all(r["error"] is None for r in rows.values())
     assert set(rows["eager"]["stages"]) == {"frontend", "encoder"}
     assert rows["eager"]["decode_ms_per_token"] is None and "roofline" not in rows["eager"]
+
+
+def test_explain_sees_the_ctc_models_two_stages_without_breaks():
+    import gsopt
+    from gsopt.explain import explain_gsopt
+
+    model = gsopt.load_model("tiny-ctc")
+    reports = explain_gsopt(model, [1.0, 2.0], [1], ["dynamic"], backend="eager")
+    assert [r.stage for r in reports] == ["frontend", "encoder"]
+    assert all(r.graphs == 1 and r.graph_breaks == 0 for r in reports)
