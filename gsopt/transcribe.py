@@ -339,7 +339,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="built-in recipe name or .toml file (default: eager stages, static KV cache)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=1, metavar="N", help="files per batch (default 1)"
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="files per batch (default 1; with --manifest the most per batch, default 32)",
+    )
+    corpus = parser.add_argument_group(
+        "corpus runs",
+        "--manifest FILE --out FILE.jsonl: resumable, batched by duration, one JSON line per "
+        "input; under torchrun each process takes a share",
+    )
+    corpus.add_argument(
+        "--manifest",
+        metavar="FILE|DIR",
+        help='JSONL ({"audio": PATH, "text": REFERENCE, "id": ID} a line; paths relative to '
+        "its folder) or CSV with those columns, or a folder of audio files (recursive)",
+    )
+    corpus.add_argument(
+        "--out",
+        metavar="FILE.jsonl",
+        help="results of a --manifest run, one line per input; a rerun skips the ids in it",
+    )
+    corpus.add_argument(
+        "--batch-seconds",
+        type=float,
+        metavar="S",
+        help="most padded audio seconds per batch (clips x the longest) in a --manifest run "
+        "(default 300)",
     )
     parser.add_argument(
         "--device", metavar="cpu|cuda", help="cpu, cuda or cuda:N (default: cuda if available)"
@@ -376,11 +402,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.manifest is not None:
+        return run_manifest(args)
+    for option, value in (("--out", args.out), ("--batch-seconds", args.batch_seconds)):
+        if value is not None:
+            raise GsoptError(f"{option} applies to --manifest runs; add --manifest FILE")
     results = transcribe(
         args.files,
         model=args.model,
         recipe=args.recipe,
-        batch_size=args.batch_size,
+        batch_size=1 if args.batch_size is None else args.batch_size,
         device=args.device,
         dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
@@ -388,15 +419,62 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         draft_model=args.draft_model,
     )
-    if str(args.model) in VARIANTS:
-        print(
-            f"gsopt transcribe: note: {args.model!r} is a variant with random weights, so the "
-            "text is gibberish; pass --model DIR for a real checkpoint",
-            file=sys.stderr,
-        )
+    random_weights_note(args.model)
     if args.json:
         print(json.dumps([result.to_json() for result in results], indent=2, ensure_ascii=False))
     else:
         for result in results:
             print(f"{result.path}: {result.text}")
     return 0
+
+
+def random_weights_note(model: str | os.PathLike) -> None:
+    if str(model) in VARIANTS:
+        print(
+            f"gsopt transcribe: note: {model!r} is a variant with random weights, so the "
+            "text is gibberish; pass --model DIR for a real checkpoint",
+            file=sys.stderr,
+        )
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    """A corpus run (`gsopt.corpus`): exit 0 when every input was transcribed, 1 when some
+    failed (their lines carry `error`); under torchrun only rank 0 reports."""
+    from gsopt import corpus
+
+    if args.files:
+        raise GsoptError("give audio files or --manifest, not both")
+    if args.out is None:
+        raise GsoptError("--manifest needs --out FILE.jsonl (results go there; a rerun resumes)")
+    if args.json:
+        raise GsoptError("--json prints positional files' results; a --manifest run writes --out")
+    entries = corpus.read_manifest(args.manifest)
+    ranks = corpus.Ranks.from_env()
+    transcriber = Transcriber(
+        args.model,
+        recipe=args.recipe,
+        device=ranks.device(args.device),
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        draft_model=args.draft_model,
+    )
+    try:
+        summary = corpus.run(
+            entries,
+            args.out,
+            transcriber,
+            ranks=ranks,
+            batch_size=corpus.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
+            batch_seconds=corpus.DEFAULT_BATCH_SECONDS
+            if args.batch_seconds is None
+            else args.batch_seconds,
+            progress=not args.quiet,
+        )
+    finally:
+        ranks.leave()
+    if summary is None:
+        return 0
+    random_weights_note(args.model)
+    print(f"gsopt transcribe: {summary.line()}", file=sys.stderr)
+    return 1 if summary.failed else 0
