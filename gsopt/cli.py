@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": "gsopt.bench",
     "report": "gsopt.report",
     "explain": "gsopt.explain",
+    "eval": "gsopt.evaluate",
 }
 
 
