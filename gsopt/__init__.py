@@ -1,10 +1,20 @@
 """gsopt: Granite Speech on IBM's Foundation Model Stack, made fast stage by stage."""
 
-from gsopt import kv_cache as _kv_cache  # noqa: F401  (registers the static-cache attention op)
-from gsopt.checkpoint import load_model
-from gsopt.config import VARIANTS, GraniteSpeechConfig, get_variant
-from gsopt.errors import GsoptError
-from gsopt.model import GraniteSpeech
+import sys
+
+try:
+    from gsopt import kv_cache as _kv_cache  # noqa: F401  (registers the static-cache attention ops)
+    from gsopt.checkpoint import load_model
+    from gsopt.config import VARIANTS, GraniteSpeechConfig, get_variant
+    from gsopt.errors import GsoptError
+    from gsopt.model import GraniteSpeech
+except KeyboardInterrupt:
+    # `python -m gsopt` interrupted while torch loads (argv[0] is "-m" until the module is
+    # found): answer as the command line does later. A library import re-raises.
+    if sys.argv[:1] == ["-m"]:
+        print("gsopt: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 __all__ = [
     "VARIANTS",

@@ -363,11 +363,15 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "explain", help="graphs, graph breaks and recompiles per stage, vs transformers"
+        "explain",
+        help="graphs, graph breaks and recompiles per stage, vs transformers",
+        description="Compile each stage over a sweep of audio lengths and batch sizes and "
+        "report graphs, graph breaks (with their source lines) and every recompile's guard "
+        "failures, beside transformers' forward.",
     )
     parser.add_argument("--recipe", help="apply this recipe's model changes first (dtype, LoRA)")
     parser.add_argument("--model", default="tiny", help="checkpoint folder or variant")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--audio-seconds", default="1,3,10,30,60", help="sweep of clip lengths")
     parser.add_argument("--batch", default="1,4", help="sweep of batch sizes")
     parser.add_argument(

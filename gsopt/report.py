@@ -302,7 +302,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("report", help="markdown + PNG charts from bench JSON")
+    parser = subparsers.add_parser(
+        "report",
+        help="markdown + PNG charts from bench JSON",
+        description="Turn `gsopt bench` JSON files into report.md and PNG charts (time per "
+        "stage, speed-ups, decode bandwidth use, speculation against draft accuracy).",
+    )
     parser.add_argument("results", nargs="+", help="gsopt bench JSON files")
     parser.add_argument("--out", default="bench-report", help="folder for report.md and PNGs")
     parser.set_defaults(run=run)

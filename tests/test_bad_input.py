@@ -125,3 +125,29 @@ def test_version_and_help(capsys):
         main(["bench", "--help"])
     text = capsys.readouterr().out
     assert "(default: 10)" in text and "transformers" in text and "--batch-size" in text
+
+
+@pytest.mark.parametrize("launcher", ["module", "script"])
+def test_ctrl_c_while_loading_prints_one_line(launcher):
+    """SIGINT lands while torch is still importing (it takes over a second): one line, 130."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if launcher == "module":
+        command = [sys.executable, "-m", "gsopt", "--version"]
+    else:
+        script = shutil.which("gsopt", path=os.path.dirname(sys.executable))
+        if script is None:
+            pytest.skip("the gsopt console script is not installed in this environment")
+        command = [script, "--version"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip("the process finished loading before the signal arrived")
+    # 130, or killed by SIGINT itself (-2), which a shell also reports as 130.
+    assert process.returncode in (130, -2) and err == "gsopt: interrupted\n", err
