@@ -54,7 +54,7 @@ e2e() {  # e2e MODEL LIMIT_S: batch-1 latency, gsopt's recipes beside transforme
 for stage in "$@"; do
   case $stage in
     essentials)
-      part tests 200 python3 -m pytest -q -rs tests/test_recipes.py \
+      part tests 200 python3 -m pytest -q -rs tests/test_recipes.py::test_gpu_recipes_equal_eager_on_gpu \
         tests/kernels/test_decode_attention.py --junitxml="$out/tests-$card.xml"
       e2e 3.3-2b 260
       ;;
