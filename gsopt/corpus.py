@@ -17,6 +17,7 @@ across processes by torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 AUDIO_SUFFIXES = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64"}
 )
+RECORD_START = b'{"id": '  # every result line begins so: `error_record`, `result_record`
 MANIFEST_EXAMPLE = '{"audio": "clip.wav", "text": "reference", "id": "clip-1"}'
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_BATCH_SECONDS = 300.0
@@ -184,9 +186,10 @@ def part_files(out: Path) -> list[Path]:
 
 
 def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """The result lines of an output file. A torn last line (no trailing newline, or not
-    JSON) is a write cut short: it is dropped, and with `repair` cut off the file so the
-    next append starts a fresh line. Any other bad line means the file is not gsopt's."""
+    """The result lines of an output file. A torn last line (the start of a result line
+    without its newline, or not JSON) is a write cut short: it is dropped, and with `repair`
+    cut off the file so the next append starts a fresh line. Any other bad line means the
+    file is not gsopt's, and it is left alone."""
     if not path.exists():
         return []
     if path.is_dir():
@@ -194,29 +197,36 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     data = path.read_bytes()
     lines = data.split(b"\n")  # the last piece follows the last newline: empty unless torn
     records, kept = [], 0
-    for number, raw in enumerate(lines[:-1], 1):
-        if not raw.strip():
-            kept += len(raw) + 1
-            continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = None
-        if not isinstance(record, dict) or "id" not in record:
-            if number == len(lines) - 1 and not lines[-1]:
-                break  # the last line: torn
+    for number, raw in enumerate(lines, 1):
+        final = number == len(lines)  # no newline after it
+        last = final or (number == len(lines) - 1 and not lines[-1].strip())
+        record = None
+        if raw.strip() and not final:
+            with contextlib.suppress(ValueError):  # not JSON, or not UTF-8
+                record = json.loads(raw)
+        if isinstance(record, dict) and "id" in record:
+            records.append(record)
+        elif raw.strip() and last and _torn(raw):
+            break
+        elif raw.strip():
             raise GsoptError(
                 f"{path}:{number}: not a gsopt result line; --out names another file? "
                 "(choose a new --out)"
             )
-        records.append(record)
         kept += len(raw) + 1
+    kept = min(kept, len(data))
     if kept < len(data) and repair:  # unrepaired, it may be another rank's line in flight
         log.warning("%s: dropped a torn last line (a run cut short); its input is redone", path)
         with path.open("r+b") as f:
             f.truncate(kept)
             os.fsync(f.fileno())
     return records
+
+
+def _torn(raw: bytes) -> bool:
+    """The start of one of gsopt's lines (each begins with the id), or the zeros a file
+    system can leave after a crash."""
+    return raw.startswith(RECORD_START) or RECORD_START.startswith(raw) or not raw.strip(b"\0")
 
 
 class Appender:
