@@ -181,8 +181,10 @@ def part_path(out: Path, rank: int, world: int) -> Path:
 
 def part_files(out: Path) -> list[Path]:
     """Every rank's part file beside `out`, whatever world size wrote it."""
+    if not out.parent.is_dir():
+        return []
     pattern = re.compile(rf"{re.escape(out.stem)}\.rank\d+{re.escape(out.suffix)}")
-    return sorted(p for p in out.parent.glob(f"{out.stem}.rank*") if pattern.fullmatch(p.name))
+    return sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
@@ -234,8 +236,11 @@ class Appender:
     whole on disk or torn at the end, where the next start drops it."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise GsoptError(f"--out {path}: cannot write there ({exc.strerror})") from None
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if records:

@@ -3,7 +3,8 @@
 Everything the user can get wrong (files, devices, dtypes, clip lengths) is checked before the
 model's weights are read, so a typo costs seconds rather than a multi-gigabyte load. Files run
 in batches of `batch_size` in the order given; a padded batch gives each clip the text it gets
-alone, so the batch size changes speed only.
+alone, so the batch size changes speed only. `--manifest` runs a corpus instead
+(`gsopt.corpus`: duration-sorted batches, resumable JSONL output, torchrun ranks).
 """
 
 from __future__ import annotations
