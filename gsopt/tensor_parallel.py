@@ -12,7 +12,9 @@ compiles per rank.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -63,16 +65,18 @@ def load_tensor_parallel(
     check_shardable(config, world)
     variant = str(source) if str(source) in VARIANTS else _variant_for(config)
     folder = None if str(source) in VARIANTS else checkpoint_folder(source)
-    model = models.get_model(
-        ARCHITECTURE,
-        variant,
-        model_path=str(folder) if folder else None,
-        source="hf" if folder else None,
-        device_type=torch.device(device).type,
-        data_type=dtype,
-        distributed_strategy="tp",
-        group=group,
-    )
+    # FMS announces "using tensor parallel" on stdout, where transcripts go: send it to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        model = models.get_model(
+            ARCHITECTURE,
+            variant,
+            model_path=str(folder) if folder else None,
+            source="hf" if folder else None,
+            device_type=torch.device(device).type,
+            data_type=dtype,
+            distributed_strategy="tp",
+            group=group,
+        )
     adapter = _adapter(folder) if folder else None
     if adapter is not None and lora != "none":
         attach_audio_lora(model, adapter, lora, shard=(dist.get_rank(group), world))

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from gsopt import tensor_parallel
 from gsopt.audio import SAMPLE_AUDIO, check_audio_file, load_audio
 from gsopt.checkpoint import load_config, load_model
 from gsopt.config import VARIANTS, GraniteSpeechConfig, GraniteSpeechCTCConfig
@@ -197,7 +198,10 @@ class Transcriber:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         prompt: str | None = None,
         draft_model: str | os.PathLike | None = None,
+        tp: int = 1,
     ):
+        """`tp` > 1: the decoder sharded across that many torchrun processes (FMS tensor
+        parallelism; `gsopt.tensor_parallel.start` joins them first)."""
         if max_new_tokens < 1:
             raise GsoptError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         self.source = model
@@ -215,6 +219,7 @@ class Transcriber:
             self.check_lengths([], [])  # a prompt and budget that leave no room for audio
         self.settings = load_recipe(recipe) if recipe is not None else None
         self.draft_model = draft_model
+        self.tp = tp
         self.pipeline: Pipeline | CTCPipeline | None = None
 
     def check_lengths(self, paths: list[Path], num_samples: list[int]) -> None:
@@ -236,7 +241,11 @@ class Transcriber:
                 dtype=self.dtype,
                 target_source=self.source,
             )
-        if weights is None:
+        if weights is None and self.tp > 1:
+            weights = tensor_parallel.load_tensor_parallel(
+                self.source, device=self.device, dtype=self.dtype, lora="live"
+            )
+        elif weights is None:
             weights = load_model(self.source, device=self.device, dtype=self.dtype)
         elif self.settings is not None and changes_model(weights, self.settings):
             weights = copy.deepcopy(weights)
@@ -269,6 +278,7 @@ def transcribe(
     prompt: str | None = None,
     progress: bool = False,
     draft_model: str | os.PathLike | None = None,
+    tp: int = 1,
 ) -> list[Transcription]:
     """Greedy transcripts of `files` (the bundled sample when empty), in the order given.
 
@@ -277,7 +287,8 @@ def transcribe(
     the transcription request (e.g. a translation request). `progress` shows a bar on
     stderr, in seconds of audio, when stderr is a terminal. A recipe's fallbacks on this
     machine are logged as warnings. `draft_model` (a folder or variant sharing the model's
-    tokenizer) is the draft of a recipe that drafts with a model.
+    tokenizer) is the draft of a recipe that drafts with a model; `tp` > 1 shards the
+    decoder across that many torchrun processes.
     """
     if batch_size < 1:
         raise GsoptError(f"--batch-size must be at least 1, got {batch_size}")
@@ -289,6 +300,7 @@ def transcribe(
         max_new_tokens=max_new_tokens,
         prompt=prompt,
         draft_model=draft_model,
+        tp=tp,
     )
     paths = [Path(f) for f in files] if files else [SAMPLE_AUDIO]
     # Durations from the headers first: a file that is too long is refused before it is
@@ -397,14 +409,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="the draft model of a recipe that drafts with one (speculative-draft); it must "
         "share the model's tokenizer",
     )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the decoder across N processes (FMS tensor parallelism); run under "
+        "torchrun --nproc-per-node N",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tp > 1 and args.manifest is not None:
+        raise GsoptError(
+            "--tp with --manifest: not supported yet; torchrun a manifest without --tp (each "
+            "process a whole model and a share of the files), or --tp with files"
+        )
     if args.manifest is not None:
         return run_manifest(args)
+    rank = tensor_parallel.start(args.tp)
     for option, value in (("--out", args.out), ("--batch-seconds", args.batch_seconds)):
         if value is not None:
             raise GsoptError(f"{option} applies to --manifest runs; add --manifest FILE")
@@ -417,9 +443,12 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
         prompt=args.prompt,
-        progress=not args.quiet,
+        progress=not args.quiet and rank == 0,
         draft_model=args.draft_model,
+        tp=args.tp,
     )
+    if rank != 0:  # every shard computed the same tokens; one prints them
+        return 0
     random_weights_note(args.model)
     if args.json:
         print(json.dumps([result.to_json() for result in results], indent=2, ensure_ascii=False))

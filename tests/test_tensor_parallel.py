@@ -71,3 +71,24 @@ def test_tp_without_torchrun_is_a_one_line_error(capsys, monkeypatch):
     code = main(["apply", "--recipe", "eager", "--model", "tiny", "--tp", "2"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "torchrun --nproc-per-node 2" in err
+
+
+def test_transcribe_tp2_prints_what_one_process_prints(checkpoint, tmp_path):
+    """The CLI end to end: torchrun, two shards, the same transcript as one process."""
+    import numpy as np
+    import soundfile
+    from test_transcribe import word_level_tokenizer
+
+    word_level_tokenizer().save_pretrained(checkpoint)
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, 0.1 * np.random.default_rng(3).standard_normal(24000), 16000)
+    argv = ["-m", "gsopt", "transcribe", str(wav), "--model", str(checkpoint)]
+    argv += ["--max-new-tokens", "10", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    two = subprocess.run(
+        [*launcher, *argv, "--tp", "2"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.stdout.strip() and two.stdout == one.stdout
