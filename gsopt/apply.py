@@ -424,13 +424,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--draft-model", metavar="DIR|VARIANT", help="the draft model of speculative-draft"
     )
-    parser.add_argument(
-        "--tp",
-        type=int,
-        default=1,
-        metavar="N",
-        help="shard the decoder across N processes (FMS tensor parallelism); run under "
-        "torchrun --nproc-per-node N",
-    )
+    tensor_parallel.add_argument(parser)
     parser.set_defaults(run=run)
     return parser

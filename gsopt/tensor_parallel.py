@@ -101,3 +101,15 @@ def start(tp: int) -> int:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank()
+
+
+def add_argument(parser) -> None:
+    """`--tp N`, as every command that can shard the decoder takes it."""
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the decoder across N processes (FMS tensor parallelism); run under "
+        "torchrun --nproc-per-node N",
+    )

@@ -409,14 +409,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="the draft model of a recipe that drafts with one (speculative-draft); it must "
         "share the model's tokenizer",
     )
-    parser.add_argument(
-        "--tp",
-        type=int,
-        default=1,
-        metavar="N",
-        help="shard the decoder across N processes (FMS tensor parallelism); run under "
-        "torchrun --nproc-per-node N",
-    )
+    tensor_parallel.add_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
     return parser
