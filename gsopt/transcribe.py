@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from gsopt import tensor_parallel
 from gsopt.audio import SAMPLE_AUDIO, check_audio_file, load_audio
 from gsopt.checkpoint import load_config, load_model
-from gsopt.config import VARIANTS, GraniteSpeechConfig, GraniteSpeechCTCConfig
+from gsopt.config import CTC_VARIANTS, VARIANTS, GraniteSpeechConfig, GraniteSpeechCTCConfig
 from gsopt.ctc_pipeline import CTCPipeline
 from gsopt.errors import GsoptError
 from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE
@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def random_weights_note(model: str | os.PathLike) -> None:
-    if str(model) in VARIANTS:
+    if str(model) in VARIANTS or str(model) in CTC_VARIANTS:
         print(
             f"gsopt transcribe: note: {model!r} is a variant with random weights, so the "
             "text is gibberish; pass --model DIR for a real checkpoint",
