@@ -17,8 +17,8 @@ import torch
 
 from gsopt.ctc import ctc_greedy_decode
 from gsopt.encoder import encoder_frame_mask
-from gsopt.frontend import HOP_LENGTH, SAMPLE_RATE, LogMelDeltaFrontend
-from gsopt.pipeline import bucket_seconds
+from gsopt.frontend import LogMelDeltaFrontend
+from gsopt.pipeline import block_seconds, pad_waveforms
 from gsopt.timing import StageTimer, stage
 
 CTC_STAGES = ("frontend", "encoder")
@@ -37,12 +37,6 @@ class CTCStages:
     def eager(cls, model) -> CTCStages:
         device = next(model.parameters()).device
         return cls(frontend=LogMelDeltaFrontend().to(device), encoder=model)
-
-
-def block_seconds(model) -> float:
-    """Seconds of audio in one attention block of the first encoder layer (4 feature rows
-    per 2 mel frames: each feature frame is 2 mel frames, 20 ms)."""
-    return model.config.context_size * 2 * HOP_LENGTH / SAMPLE_RATE
 
 
 class CTCPipeline:
@@ -67,16 +61,8 @@ class CTCPipeline:
     ) -> torch.Tensor:
         """The speech LLM pipeline's call signature; `template`, `max_new_tokens` and
         `stop_at_eos` do not apply to a CTC model and are ignored."""
-        lengths = torch.tensor([len(w) for w in waveforms])
-        width = int(lengths.max())
-        if self.stages.audio_buckets:
-            width = round(
-                bucket_seconds(width / SAMPLE_RATE, block_seconds(self.model)) * SAMPLE_RATE
-            )
-        waves = torch.zeros(len(waveforms), width)
-        for row, wave in enumerate(waveforms):
-            waves[row, : len(wave)] = wave
-        waves, lengths = waves.to(self.device), lengths.to(self.device)
+        block = block_seconds(self.model) if self.stages.audio_buckets else None
+        waves, lengths = (t.to(self.device) for t in pad_waveforms(waveforms, block))
         with stage(timer, "frontend"):
             if record is not None:
                 record.setdefault("frontend", (waves, lengths))

@@ -33,8 +33,28 @@ STAGES = ("frontend", "encoder", "projector", "prefill", "decode")
 
 
 def block_seconds(model) -> float:
-    """Seconds of audio in one conformer attention block (200 frames = 4 s published)."""
-    return model.config.encoder.context_size * 2 * HOP_LENGTH / SAMPLE_RATE
+    """Seconds of audio in one attention block of the first encoder layer (an encoder frame
+    is 2 mel frames, 20 ms: 200 frames = 4 s published; Granite Speech 5.0's 128 = 2.56 s)."""
+    config = model.config
+    context = (
+        config.context_size if hasattr(config, "context_size") else config.encoder.context_size
+    )
+    return context * 2 * HOP_LENGTH / SAMPLE_RATE
+
+
+def pad_waveforms(
+    waveforms: list[torch.Tensor], block: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips zero-padded into one batch [B, S] and their lengths; with `block` (seconds), S
+    rounded up to whole attention blocks (real lengths still mask every stage)."""
+    lengths = torch.tensor([len(w) for w in waveforms])
+    width = int(lengths.max())
+    if block is not None:
+        width = round(bucket_seconds(width / SAMPLE_RATE, block) * SAMPLE_RATE)
+    padded = torch.zeros(len(waveforms), width)
+    for row, wave in enumerate(waveforms):
+        padded[row, : len(wave)] = wave
+    return padded, lengths
 
 
 def bucket_seconds(seconds: float, block: float) -> float:
@@ -118,17 +138,6 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.speculation_stats = SpeculationStats()
 
-    def batch(self, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor([len(w) for w in waveforms])
-        width = int(lengths.max())
-        if self.stages.audio_buckets:  # real lengths still mask every stage: results are unchanged
-            seconds = bucket_seconds(width / SAMPLE_RATE, block_seconds(self.model))
-            width = round(seconds * SAMPLE_RATE)
-        padded = torch.zeros(len(waveforms), width)
-        for row, wave in enumerate(waveforms):
-            padded[row, : len(wave)] = wave
-        return padded.to(self.device), lengths.to(self.device)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -185,7 +194,8 @@ class Pipeline:
         """frontend -> encoder -> projector: the audio rows, and what CTC drafts read."""
         self.model.use_audio_lora(True)  # every pipeline input carries audio
         dtype = self.model.projector.query.dtype
-        waves, lengths = self.batch(waveforms)
+        block = block_seconds(self.model) if stages.audio_buckets else None
+        waves, lengths = (t.to(self.device) for t in pad_waveforms(waveforms, block))
         with stage(timer, "frontend"):
             features, frames = stages.frontend(waves, lengths)
         with stage(timer, "encoder"):
