@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from gsopt.kv_cache import SDPA, StaticKVCache, bucket, cache_for
+from gsopt.kv_cache import SDPA, StaticKVCache, bucket, cache_for, cache_mask
 from gsopt.timing import StageTimer, stage
 
 
@@ -93,6 +93,8 @@ def verify(
     harmless: a later step writes its own position before anything reads it."""
     k = tokens.shape[1]
     cache_positions = positions[:, None] + torch.arange(k, device=tokens.device)
+    attn = model.decoder.base_model.layers[0].attn  # its heads are this rank's under TP
+    group = attn.nheads // attn.kvheads
     hidden = _forward(
         model,
         model.embed(tokens, None),
@@ -100,7 +102,7 @@ def verify(
         cache,
         attn_name,
         cache_positions=cache_positions,
-        kv_index=kv_index,
+        cache_mask=cache_mask(cache_positions, kv_index, group),
     )
     return logits_from_hidden(model, hidden).argmax(-1)
 

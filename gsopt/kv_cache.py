@@ -142,27 +142,31 @@ def _prefill(
     return out.transpose(1, 2).contiguous()
 
 
+def cache_mask(cache_positions: torch.Tensor, kv_index: torch.Tensor, group: int):
+    """[B, 1, L * G, S]: query j of row b (repeated for the G heads of its GQA group) sees
+    the span's positions up to its own. Built once per step; every layer reads it."""
+    visible = kv_index[None, None, :] <= cache_positions[:, :, None]  # [B, L, S]
+    return visible.repeat_interleave(group, dim=1)[:, None]
+
+
 def _attend_cache(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     kvheads: int,
     scale: float,
-    cache_positions: torch.Tensor,
-    kv_index: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Queries [B, L, H, D] at cache_positions [B, L], each seeing the cache up to its own
-    position, over the span kv_index [S]. The GQA group folds into the query axis."""
+    """Queries [B, L, H, D] against the cache over the span `mask` covers ([B, 1, L * G, S]
+    from `cache_mask`). The GQA group folds into the query axis."""
     batch, length, heads, dim = query.shape
     group = heads // kvheads
-    span = kv_index.shape[0]
+    span = mask.shape[-1]
     folded = (
         query.view(batch, length, kvheads, group, dim)
         .permute(0, 2, 1, 3, 4)
         .reshape(batch, kvheads, length * group, dim)
     )
-    visible = kv_index[None, None, :] <= cache_positions[:, :, None]  # [B, L, S]
-    mask = visible.repeat_interleave(group, dim=1)[:, None]  # [B, 1, L * G, S]
     out = F.scaled_dot_product_attention(
         folded, key_cache[:, :, :span], value_cache[:, :, :span], attn_mask=mask, scale=scale
     )
@@ -182,11 +186,10 @@ def _decode_sdpa(
     p_dropout: float,
     scale: float,
     *,
-    cache_positions: torch.Tensor,
-    kv_index: torch.Tensor,
+    cache_mask: torch.Tensor,
     **_,
 ) -> torch.Tensor:
-    return _attend_cache(query, key_cache, value_cache, kvheads, scale, cache_positions, kv_index)
+    return _attend_cache(query, key_cache, value_cache, kvheads, scale, cache_mask)
 
 
 def _decode_triton(

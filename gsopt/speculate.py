@@ -296,12 +296,12 @@ def _decode_rows(
         active = [r for r in rows if live(r)]
         width = min(k - 1, max_new_tokens - min(len(outputs[r]) for r in active))
         proposals = proposer.propose(outputs, positions, active, width) if width else {}
-        last = torch.tensor([[o[-1]] for o in outputs], device=device)
+        last = torch.tensor([[o[-1]] for o in outputs])  # built on the host, sent once
         where = torch.tensor(positions, device=device)
         with stage(step_timer, "decode"):
             if any(proposals.values()):
                 block = torch.full((batch, k), max(model.config.decoder.pad_id, 0))
-                block[:, 0] = last[:, 0].cpu()
+                block[:, :1] = last
                 for r, proposal in proposals.items():
                     block[r, 1 : 1 + len(proposal)] = torch.tensor(proposal, dtype=torch.long)
                 span = cache.span(max(positions) + k, steps.fixed_span)
@@ -309,7 +309,7 @@ def _decode_rows(
             else:
                 span = cache.span(max(positions) + 1, steps.fixed_span)
                 done = torch.zeros(batch, dtype=torch.bool, device=device)
-                token, _ = steps.decode(model, last, where, done, cache.layers, span)
+                token, _ = steps.decode(model, last.to(device), where, done, cache.layers, span)
                 greedy = token.tolist()
                 proposals = {}
         stats.count_forward(batch)
