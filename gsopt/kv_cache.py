@@ -167,14 +167,25 @@ def _attend_cache(
         .permute(0, 2, 1, 3, 4)
         .reshape(batch, kvheads, length * group, dim)
     )
-    out = F.scaled_dot_product_attention(
-        folded, key_cache[:, :, :span], value_cache[:, :, :span], attn_mask=mask, scale=scale
-    )
+    keys, values = key_cache[:, :, :span], value_cache[:, :, :span]
+    if query.device.type == "cpu" and torch.compiler.is_compiling():
+        out = _attend_in_graph(folded, keys, values, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)
     return (
         out.view(batch, kvheads, length, group, dim)
         .permute(0, 2, 1, 3, 4)
         .reshape(batch, length, heads, dim)
     )
+
+
+def _attend_in_graph(query, keys, values, mask, scale: float) -> torch.Tensor:
+    """Attention written out, for a compiled CPU step: inductor fuses it into a few
+    reductions over the span, where SDPA's CPU flash kernel is an opaque call that costs
+    about 0.1 ms per layer for a handful of queries (measured: 8 layers, 190 positions)."""
+    scores = (query @ keys.transpose(-1, -2)) * scale
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return weights @ values
 
 
 def _decode_sdpa(

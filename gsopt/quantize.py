@@ -43,7 +43,7 @@ class Quantization:
     group_size: int = 128
     lm_head: bool = False
     stages: tuple[str, ...] = ("decoder",)
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str | None = None
     saved: str = ""
 
 
@@ -109,15 +109,16 @@ def _check_groups(model, q: Quantization) -> None:
 
 
 def quantize_model(model, q: Quantization) -> None:
-    """Cast the quantized stages to `compute_dtype` and quantize their linears (the lm head
+    """Cast the quantized stages to `compute_dtype` (if set) and quantize their linears (the lm head
     only with `lm_head`): from the file `saved` names when it exists, else with torchao
     (writing that file)."""
     from torchao.quantization import quantize_
 
     device = next(model.parameters()).device
     check(model, q, device)
-    for module in _targets(model, q).values():
-        module.to(DTYPES[q.compute_dtype])
+    if q.compute_dtype is not None:
+        for module in _targets(model, q).values():
+            module.to(DTYPES[q.compute_dtype])
     if q.lm_head and "decoder" in q.stages:
         head = model.decoder.head
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)

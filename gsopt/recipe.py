@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gsopt import drafts
+from gsopt import cpu_gemv, drafts
 from gsopt.cpu_linear import has_plain_linears, pack_linears_
 from gsopt.encoder import BLOCK_ATTENTION, ShawBlockAttention, set_block_attention
 from gsopt.errors import GsoptError
@@ -260,10 +260,8 @@ def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) ->
         reasons.append("relaxed speculation keeps CTC drafts the decoder did not confirm")
     if recipe.quantize is not None:
         q = recipe.quantize
-        reasons.append(
-            f"quantizes the {', '.join(q.stages)} weights to {q.weights} (computing in "
-            f"{q.compute_dtype})"
-        )
+        computing = f" (computing in {q.compute_dtype})" if q.compute_dtype else ""
+        reasons.append(f"quantizes the {', '.join(q.stages)} weights to {q.weights}{computing}")
     return reasons
 
 
@@ -387,7 +385,7 @@ def _merged(base: dict[str, Any], table: Any, where: str) -> dict[str, Any]:
         if key in DEVICE_TYPES:
             raise GsoptError(f"{where}: a device table cannot hold another ([{key}])")
         if (
-            key in (*STAGES, "speculate")
+            key in (*STAGES, "speculate", "quantize")
             and isinstance(value, dict)
             and isinstance(base.get(key), dict)
         ):
@@ -536,30 +534,13 @@ def _portable(stage: str, settings: StageRecipe, cuda: bool, notes: list[str]) -
     return dataclasses.replace(settings, **changes)
 
 
-# Weight-times-few-rows products the CPU decode step computes as inductor reductions: MKL's
-# sgemv reads fp32 weights at about half the memory's rate (17 vs 34 GB/s measured on a
-# 2-core AVX-512 EPYC), inductor's vectorised reduction at nearly all of it.
-CPU_GEMV_MAX_ROWS = 8
-
-
-def _cpu_gemv_as_reduction() -> dict[str, Any]:
-    """Inductor options for a CPU decode step: its own memory-bound-mm decomposition, with
-    the row limit raised from 1 (batch 1 only) to CPU_GEMV_MAX_ROWS and no limit on the
-    weight's size (the module reads its limits as globals, so they are set there)."""
-    from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_
-
-    pass_.cpu_max_first_dimension_decomposition = CPU_GEMV_MAX_ROWS
-    pass_.cpu_max_other_dimension_decomposition = 1 << 31
-    return {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
-
-
 def _wrap(fn, settings: StageRecipe, memory_bound_on_cpu: bool = False):
     """Eager, compiled or captured, as the stage's settings say. A memory-bound step
     (decode, verify) compiled for the CPU reads its weights through inductor reductions."""
     if settings.backend == "eager":
         return fn
     kwargs: dict[str, Any] = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic)
-    options = _cpu_gemv_as_reduction() if memory_bound_on_cpu else {}
+    options = cpu_gemv.inductor_options() if memory_bound_on_cpu else {}
     if settings.mode != "default" and options:
         options.update(torch._inductor.list_mode_options(settings.mode))
     elif settings.mode != "default":

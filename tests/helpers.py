@@ -6,6 +6,7 @@ sides always share one set of random weights.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -143,3 +144,17 @@ def save_checkpoint(model, path: Path, lora=None, max_shard_size: str | None = N
             f.rename(path / f.name)
         (path / "_adapter").rmdir()
     return path
+
+
+def allocations_of_at_least(code: str, numel: int) -> list[str]:
+    """The `empty_strided_*((shape), ...)` calls in generated code whose size is at least
+    `numel` elements."""
+    found = []
+    for match in re.finditer(r"empty_strided_\w+\(\(([\d, ]*)\)", code):
+        dims = [int(d) for d in match.group(1).replace(" ", "").split(",") if d]
+        size = 1
+        for d in dims:
+            size *= d
+        if size >= numel:
+            found.append(match.group(0))
+    return found

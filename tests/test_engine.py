@@ -4,13 +4,12 @@ defects a first GPU run would trip on, reproduced on the CPU, and the `verify` s
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import pytest
 import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
-from helpers import AUDIO_TOKEN_ID
+from helpers import AUDIO_TOKEN_ID, allocations_of_at_least
 from torch._inductor.utils import run_and_get_code
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -86,20 +85,6 @@ def test_captured_outputs_are_copied_before_reuse(model, audio):
     assert torch.equal(tokens, expected)
 
 
-def _cache_sized_allocations(code: str, numel: int) -> list[str]:
-    """The `empty_strided_*((shape), ...)` calls in generated code whose size is at least
-    `numel` elements."""
-    found = []
-    for match in re.finditer(r"empty_strided_\w+\(\(([\d, ]*)\)", code):
-        dims = [int(d) for d in match.group(1).replace(" ", "").split(",") if d]
-        size = 1
-        for d in dims:
-            size *= d
-        if size >= numel:
-            found.append(match.group(0))
-    return found
-
-
 def test_compiled_decode_step_writes_the_cache_in_place(model, audio):
     """inductor turns `scatter_` into clone + scatter (a copy of the cache per layer per step);
     the indexed write stays in place. No buffer the size of a cache may appear."""
@@ -115,9 +100,9 @@ def test_compiled_decode_step_writes_the_cache_in_place(model, audio):
     assert codes
     numel = cache.layers[0][0].numel()
     for code in codes:
-        assert _cache_sized_allocations(code, numel) == []
+        assert allocations_of_at_least(code, numel) == []
     # The check can see a copy: the same step with a scatter_ write allocates one.
-    assert _cache_sized_allocations(_scatter_code(cache.layers[0][0]), numel)
+    assert allocations_of_at_least(_scatter_code(cache.layers[0][0]), numel)
 
 
 def _scatter_code(like: torch.Tensor) -> str:

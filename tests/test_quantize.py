@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import AUDIO_TOKEN_ID, hf_config, reference_model, save_checkpoint
+from helpers import (
+    AUDIO_TOKEN_ID,
+    allocations_of_at_least,
+    hf_config,
+    reference_model,
+    save_checkpoint,
+)
+from torch._inductor.utils import run_and_get_code
 
 import gsopt
 from gsopt import bench
 from gsopt.accuracy import teacher_forced
 from gsopt.cli import main
+from gsopt.generate import decode_one_token, prefill, setup_cache
 from gsopt.pipeline import Pipeline, Stages
+from gsopt.quantize import is_quantized
 from gsopt.recipe import apply, load_recipe
 
 pytest.importorskip("torchao")
@@ -50,16 +59,50 @@ def test_int8_decoder_stays_close_and_compiles_to_one_graph():
 def test_quantized_step_bytes_match_a_hand_count():
     model = gsopt.load_model("tiny", seed=1, lora="none")
     apply(model, load_recipe("int8-decoder"))
+
     # tiny: emb 64, 2 layers; per layer qkv [128, 64], dense [64, 64], gate+up [256, 64],
     # down [64, 128]: int8 data, a float32 scale and an int8 zero point per output row.
+    def int8(out: int, inp: int) -> int:
+        return out * inp + out * 4 + out
+
     linears = [(128, 64), (64, 64), (256, 64), (64, 128)]
-    per_layer = sum(out * inp + out * 4 + out for out, inp in linears) + 2 * 64 * 2  # bf16 norms
-    head = 320 * 64 * 2  # the lm head stays bf16 (lm_head = false)
-    weights = 2 * per_layer + 64 * 2 + head  # + final norm
+    per_layer = sum(int8(out, inp) for out, inp in linears) + 2 * 64 * 4  # float32 norms
+    head = int8(320, 64)  # lm_head = true: untied from the float32 embedding table
+    weights = 2 * per_layer + 64 * 4 + head  # + final norm
     batch, cache_len = 2, 30
-    cache = 2 * 2 * batch * cache_len * 32 * 2  # bf16 K and V
-    expected = weights + batch * 64 * 2 + cache
+    cache = 2 * 2 * batch * cache_len * 32 * 4  # float32 K and V
+    expected = weights + batch * 64 * 4 + cache  # + the embedding rows read
     assert bench.decode_step_bytes(model, batch, cache_len) == expected
+
+
+def _decode_step_code(model, step) -> str:
+    cache = setup_cache(model, 1, 32, max_seq_len=32)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        token = prefill(model, ids, torch.tensor([[4]]), None, cache.layers).argmax(-1)
+        args = (token, torch.tensor([5]), torch.zeros(1, dtype=torch.bool), cache.layers)
+        _, codes = run_and_get_code(step, model, *args, cache.span(6, fixed=False))
+    return "\n".join(codes)
+
+
+def test_int8_decode_step_converts_weights_in_registers():
+    """torchao computes `x @ qdata.t().to(float32) * scale`; compiled as it is (or through
+    inductor's own decomposition, which realizes its inputs) that writes every weight out in
+    float32 on every step. gsopt.cpu_gemv fuses the conversion into the product's reduction:
+    no buffer the size of a weight is allocated."""
+    torch._dynamo.reset()
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    stages = apply(model, load_recipe("int8-decoder"))
+    smallest = min(
+        m.weight.qdata.numel()
+        for m in model.decoder.modules()
+        if hasattr(m, "weight") and is_quantized(m.weight)
+    )
+    assert allocations_of_at_least(_decode_step_code(model, stages.decode), smallest) == []
+    # The check can see a conversion: the same step compiled without the pass allocates them.
+    torch._dynamo.reset()
+    plain = torch.compile(decode_one_token, options={"post_grad_fusion_options": {}})
+    assert allocations_of_at_least(_decode_step_code(model, plain), smallest)
 
 
 def test_save_and_reload_give_identical_logits(tmp_path):
