@@ -6,13 +6,19 @@ picks the format; torchao's `quantize_(module, config, filter_fn)` does the work
 `set_inductor_config=False` so that quantizing one model does not retune inductor for every
 other compile in the process.
 
-Which kernel runs matters more than the format. On a CPU, torchao's int8 weight-only linear
-with fp32 activations converts the whole weight to fp32 on every call (measured 70 ms for a
-50 MB head, against 9 ms in fp32); with bf16 activations inductor rewrites it to
-`_weight_int8pack_mm`, which reads the int8 weight directly (3.3 ms). So the quantized
-stages compute in `compute_dtype` (bfloat16 by default), which makes the recipe lossy: its
-reports give token agreement, KL divergence and logit error instead of demanding identical
-tokens.
+Which kernel runs matters more than the format (measured on a 2-core AVX-512 EPYC, one
+[8192, 1024] weight, one row):
+- int8 with float32 activations: torchao computes `x @ qdata.t().to(float32) * scale`,
+  which eagerly writes the whole weight out in float32 on every call (0.5 GB/s of int8).
+  Compiled with `gsopt.cpu_gemv`'s pass, the conversion is fused into the product's
+  reduction: 23-25 GB/s. So on a CPU the int8 stages keep the model's dtype.
+- int8 with bf16 activations: inductor rewrites it to `_weight_int8pack_mm`, 11-14 GB/s on
+  the CPU; on CUDA this is the path (`compute_dtype = "bfloat16"`).
+- int4 on a CPU: torchao's prototype `Int4OpaqueTensor` calls
+  `_weight_int4pack_mm_for_cpu`, 13.5 GB/s with bf16 activations and a trap with float32
+  ones (0.6 GB/s), so the int4 recipe computes in bf16 there.
+Any quantization makes a recipe lossy: its reports give token agreement, KL divergence and
+logit error instead of demanding identical tokens.
 """
 
 from __future__ import annotations
@@ -58,10 +64,15 @@ def torchao_config(q: Quantization, device: torch.device):
     if q.weights == "int8":
         return Int8WeightOnlyConfig(set_inductor_config=False)
     if q.weights == "int4":
+        if device.type == "cpu":
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+            return PrototypeInt4WeightOnlyConfig(
+                group_size=q.group_size, set_inductor_config=False
+            )
         if device.type != "cuda":
             raise GsoptError(
-                "weights = 'int4' needs CUDA: torchao's Int4WeightOnlyConfig packs int4 only "
-                "for GPU kernels (tinygemm), with no CPU layout; use weights = 'int8' here"
+                f"weights = 'int4' runs on CUDA (tinygemm) or the CPU, not {device.type}"
             )
         return Int4WeightOnlyConfig(
             group_size=q.group_size,

@@ -534,13 +534,18 @@ def _portable(stage: str, settings: StageRecipe, cuda: bool, notes: list[str]) -
     return dataclasses.replace(settings, **changes)
 
 
-def _wrap(fn, settings: StageRecipe, memory_bound_on_cpu: bool = False):
-    """Eager, compiled or captured, as the stage's settings say. A memory-bound step
-    (decode, verify) compiled for the CPU reads its weights through inductor reductions."""
+# Stages whose compiled CPU code computes weight-times-few-rows products (`gsopt.cpu_gemv`).
+GEMV_STAGES = ("prefill", "decode")
+
+
+def _wrap(fn, settings: StageRecipe, cpu_gemv_products: bool = False):
+    """Eager, compiled or captured, as the stage's settings say. With `cpu_gemv_products`,
+    the few-row products of a stage compiled for the CPU (all of a decode or verify step's,
+    the prefill's lm head over the rows it reads) become inductor reductions."""
     if settings.backend == "eager":
         return fn
     kwargs: dict[str, Any] = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic)
-    options = cpu_gemv.inductor_options() if memory_bound_on_cpu else {}
+    options = cpu_gemv.inductor_options() if cpu_gemv_products else {}
     if settings.mode != "default" and options:
         options.update(torch._inductor.list_mode_options(settings.mode))
     elif settings.mode != "default":
@@ -625,7 +630,7 @@ def apply(model: torch.nn.Module, recipe: Recipe, draft_model=None) -> Stages:
         setattr(
             stages,
             stage,
-            _wrap(getattr(stages, stage), settings[stage], stage == "decode" and not cuda),
+            _wrap(getattr(stages, stage), settings[stage], stage in GEMV_STAGES and not cuda),
         )
     # The decode step, k tokens wide.
     stages.verify = _wrap(stages.verify, settings["decode"], not cuda)

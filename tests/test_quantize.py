@@ -3,6 +3,8 @@ decode graph, bytes at their stored size, save and reload, and one-line refusals
 
 from __future__ import annotations
 
+from importlib import resources
+
 import pytest
 import torch
 from helpers import (
@@ -40,39 +42,64 @@ def int8_recipe(tmp_path, saved: str = ""):
     return load_recipe(path)
 
 
-def test_int8_decoder_stays_close_and_compiles_to_one_graph():
+def int4_recipe(tmp_path, group_size: int = 32):
+    """The int4-decoder recipe at a group size that divides the tiny model's width (64)."""
+    path = tmp_path / "int4.toml"
+    text = (load_recipe_text("int4-decoder")).replace(
+        "group_size = 128", f"group_size = {group_size}"
+    )
+    path.write_text(text)
+    return load_recipe(path)
+
+
+def load_recipe_text(name: str) -> str:
+    return resources.files("gsopt.recipes").joinpath(f"{name}.toml").read_text()
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_path):
+    """Each format this CPU runs: int8 (float32 activations) and int4 (torchao's CPU
+    layout, bf16 activations), the lm head included."""
     torch._dynamo.reset()
     reference = gsopt.load_model("tiny", seed=1, lora="none")
     model = gsopt.load_model("tiny", seed=1, lora="none")
-    stages = apply(model, load_recipe("int8-decoder"))
+    recipe = load_recipe("int8-decoder") if weights == "int8" else int4_recipe(tmp_path)
+    stages = apply(model, recipe)
+    assert is_quantized(model.decoder.head.weight)
     tokens = Pipeline(reference, Stages.eager(reference))(waves(), TEMPLATE, 16)
     quantized = Pipeline(model, stages)(waves(), TEMPLATE, 16)
     assert stages.decode.graphs == 1 and stages.decode.graph_breaks == 0
     moved = teacher_forced(reference, model, waves(), TEMPLATE, tokens)
     assert moved["positions"] == 32
-    assert moved["kl_median"] < 1e-3 and moved["logits_rel_rms_median"] < 0.05
+    assert moved["kl_median"] < 1e-3 and moved["logits_rel_rms_median"] < 0.15
     # the check can see a change: quantization does move the logits
     assert moved["logits_rel_rms_median"] > 1e-4
     assert (quantized == tokens).float().mean() >= 0.5
 
 
-def test_quantized_step_bytes_match_a_hand_count():
+def test_quantized_step_bytes_match_a_hand_count(tmp_path):
+    # tiny: emb 64, 2 layers; per layer qkv [128, 64], dense [64, 64], gate+up [256, 64],
+    # down [64, 128]; a 320-row lm head, untied from the float32 embedding table.
+    layer = [(128, 64), (64, 64), (256, 64), (64, 128)]
+    batch, cache_len = 2, 30
+
+    def step_bytes(linear_bytes, itemsize: int) -> int:
+        weights = 2 * sum(linear_bytes(out, inp) for out, inp in layer) + linear_bytes(320, 64)
+        weights += (2 * 2 + 1) * 64 * itemsize  # two norms per layer, and the final one
+        cache = 2 * 2 * batch * cache_len * 32 * itemsize  # K and V of 2 layers
+        return weights + batch * 64 * itemsize + cache  # + the embedding rows read
+
     model = gsopt.load_model("tiny", seed=1, lora="none")
     apply(model, load_recipe("int8-decoder"))
+    # int8 data, a float32 scale and an int8 zero point per output row; float32 elsewhere
+    int8 = step_bytes(lambda out, inp: out * inp + out * 4 + out, 4)
+    assert bench.decode_step_bytes(model, batch, cache_len) == int8
 
-    # tiny: emb 64, 2 layers; per layer qkv [128, 64], dense [64, 64], gate+up [256, 64],
-    # down [64, 128]: int8 data, a float32 scale and an int8 zero point per output row.
-    def int8(out: int, inp: int) -> int:
-        return out * inp + out * 4 + out
-
-    linears = [(128, 64), (64, 64), (256, 64), (64, 128)]
-    per_layer = sum(int8(out, inp) for out, inp in linears) + 2 * 64 * 4  # float32 norms
-    head = int8(320, 64)  # lm_head = true: untied from the float32 embedding table
-    weights = 2 * per_layer + 64 * 4 + head  # + final norm
-    batch, cache_len = 2, 30
-    cache = 2 * 2 * batch * cache_len * 32 * 4  # float32 K and V
-    expected = weights + batch * 64 * 4 + cache  # + the embedding rows read
-    assert bench.decode_step_bytes(model, batch, cache_len) == expected
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    apply(model, int4_recipe(tmp_path, group_size=32))
+    # two int4 values a byte, a bf16 scale and zero point per group of 32; bf16 elsewhere
+    int4 = step_bytes(lambda out, inp: out * inp // 2 + (inp // 32) * out * 2 * 2, 2)
+    assert bench.decode_step_bytes(model, batch, cache_len) == int4
 
 
 def _decode_step_code(model, step) -> str:
