@@ -67,9 +67,7 @@ def torchao_config(q: Quantization, device: torch.device):
         if device.type == "cpu":
             from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-            return PrototypeInt4WeightOnlyConfig(
-                group_size=q.group_size, set_inductor_config=False
-            )
+            return PrototypeInt4WeightOnlyConfig(group_size=q.group_size, set_inductor_config=False)
         if device.type != "cuda":
             raise GsoptError(
                 f"weights = 'int4' runs on CUDA (tinygemm) or the CPU, not {device.type}"
