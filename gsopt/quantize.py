@@ -101,19 +101,32 @@ def _filter(q: Quantization):
 def check(model, q: Quantization, device: torch.device) -> None:
     """Refuse, in one line, what torchao would refuse or silently skip."""
     if q.weights == "int4":
-        _check_groups(model, q)
+        _check_int4_shapes(model, q, device)
     torchao_config(q, device)
 
 
-def _check_groups(model, q: Quantization) -> None:
+# torchao's CPU int4 packing (`_convert_weight_to_int4pack_for_cpu`) takes whole blocks of
+# 16 output rows; Granite's vocabularies (49160, 100352) are not all such.
+CPU_INT4_ROWS = 16
+
+
+def _check_int4_shapes(model, q: Quantization, device: torch.device) -> None:
     keep = _filter(q)
     for stage, module in _targets(model, q).items():
         for name, sub in module.named_modules():
-            if keep(sub, name) and sub.in_features % q.group_size:
+            if not keep(sub, name):
+                continue
+            if sub.in_features % q.group_size:
                 raise GsoptError(
                     f"[quantize] group_size = {q.group_size} does not divide the width "
                     f"{sub.in_features} of {stage}.{name}; choose one of "
                     f"{', '.join(str(g) for g in GROUP_SIZES if sub.in_features % g == 0)}"
+                )
+            if device.type == "cpu" and sub.out_features % CPU_INT4_ROWS:
+                fix = "set lm_head = false" if name == "head" else "use weights = 'int8'"
+                raise GsoptError(
+                    f"[quantize] weights = 'int4' on the CPU packs rows in blocks of "
+                    f"{CPU_INT4_ROWS}; {stage}.{name} has {sub.out_features}: {fix}"
                 )
 
 
