@@ -10,6 +10,8 @@
 #        cudagraph-decoder and transformers eager, random weights built on the GPU
 # and, if time is left, a second call:
 #   bash bench/gpu.sh extra      (3.3-8b bf16 vs transformers, then the kernel tables)
+# or, for the quantized decoders (fetch torchao too: wheels.sh soxr torchao==0.18.0):
+#   bash bench/gpu.sh quant      (3.3-8b at batch 1: bf16 vs int8, int4 and float8 weights)
 # Each part prints its elapsed seconds, so the next run can be sized. Results are written under
 # bench/results/ there and copied to $OUT (file names carry the card's name); commit them here.
 # The image's torch/triton/transformers are used as they are (torch 2.11, triton 3.6 and
@@ -63,8 +65,17 @@ for stage in "$@"; do
       part kernels 200 python3 bench/bench_kernels.py --out "bench/results/kernels-$card-bf16.md"
       cp bench/results/kernels-"$card"-* "$out/" 2>/dev/null
       ;;
+    quant)
+      name="$card-3.3-8b-bf16-10s-b1-n64-quant"
+      part quant 480 python3 -m gsopt bench --model 3.3-8b --dtype bfloat16 --audio-seconds 10 \
+        --batch 1 --max-new-tokens 64 --repeats "${REPEATS:-3}" --peers none \
+        --recipes cudagraph-decoder,int8-decoder,int4-decoder,fp8-decoder \
+        --out "bench/results/$name.json"
+      python3 -m gsopt report "bench/results/$name.json" --out "bench/results/$name" &&
+        cp "bench/results/$name.json" "$out/" && cp "bench/results/$name/report.md" "$out/$name.md"
+      ;;
     *)
-      echo "gpu.sh: unknown stage '$stage' (use essentials or extra)" >&2
+      echo "gpu.sh: unknown stage '$stage' (use essentials, extra or quant)" >&2
       exit 2
       ;;
   esac
