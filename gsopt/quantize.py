@@ -174,9 +174,10 @@ def save_quantized(model, q: Quantization, path: Path) -> None:
 
 def load_quantized(model, q: Quantization, path: Path) -> None:
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        # torchao registers its tensor subclasses as safe globals: no arbitrary pickles.
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         state, weights = saved["state"], saved["weights"]
-    except Exception as e:  # a torn or foreign file
+    except Exception as e:  # a torn or foreign file, or one holding more than tensors
         raise GsoptError(f"{path}: not a gsopt quantized state ({type(e).__name__})") from None
     if weights != q.weights:
         raise GsoptError(f"{path}: holds {weights} weights, the recipe asks for {q.weights}")

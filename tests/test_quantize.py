@@ -176,6 +176,21 @@ def test_bad_quantization_input_is_one_line(capsys, tmp_path):
     assert "weights = 'int3' is not one of int8, int4, float8" in err
 
 
+class Payload:
+    """An object a weights-only load must refuse to build."""
+
+
+def test_a_quantized_state_holding_objects_is_refused(capsys, tmp_path):
+    saved = tmp_path / "tiny-int8.pt"
+    apply(gsopt.load_model("tiny", seed=1, lora="none"), int8_recipe(tmp_path, str(saved)))
+    state = torch.load(saved, weights_only=True)
+    torch.save({**state, "extra": Payload()}, saved)  # the same weights, plus a pickled object
+    recipe = tmp_path / "reuse.toml"
+    recipe.write_text(f'kv_cache = "static"\n[quantize]\nweights = "int8"\nsaved = "{saved}"\n')
+    err = one_line_error(capsys, "transcribe", "--recipe", str(recipe), "--max-new-tokens", "2")
+    assert "not a gsopt quantized state (UnpicklingError)" in err
+
+
 def test_a_quantized_state_for_another_shape_is_refused(capsys, tmp_path):
     saved = tmp_path / "tiny-int8.pt"
     apply(gsopt.load_model("tiny", seed=1, lora="none"), int8_recipe(tmp_path, str(saved)))
