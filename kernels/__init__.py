@@ -1,1 +1,0 @@
-"""Triton kernels for gsopt (shipped as `gsopt.kernels`), each beside its plain-torch reference."""

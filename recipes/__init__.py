@@ -1,1 +1,0 @@
-"""Built-in recipes, shipped as `gsopt.recipes` (TOML files read with importlib.resources)."""
