@@ -26,10 +26,10 @@ import numpy as np
 import soundfile
 import torch
 
-from gsopt import corpus
-from gsopt.apply import environment, to_json, write_atomic
-from gsopt.audio import load_audio
-from gsopt.transcribe import Transcriber
+from gsopt.audio.files import load_audio
+from gsopt.commands.apply import environment, to_json, write_atomic
+from gsopt.transcription import corpus
+from gsopt.transcription.transcriber import Transcriber
 
 
 def write_corpus(folder: Path, clips: int, low: float, high: float, seed: int) -> Path:

@@ -17,12 +17,12 @@ from gsopt.errors import GsoptError
 
 # command -> module with `add_parser(subparsers)` returning a parser whose default `run` is set
 COMMANDS = {
-    "transcribe": "gsopt.transcribe",
-    "apply": "gsopt.apply",
-    "bench": "gsopt.bench",
-    "report": "gsopt.report",
-    "explain": "gsopt.explain",
-    "eval": "gsopt.evaluate",
+    "transcribe": "gsopt.transcription.transcriber",
+    "apply": "gsopt.commands.apply",
+    "bench": "gsopt.commands.bench",
+    "report": "gsopt.commands.report",
+    "explain": "gsopt.commands.explain",
+    "eval": "gsopt.commands.evaluate",
 }
 
 

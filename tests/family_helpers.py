@@ -18,7 +18,7 @@ from transformers import (
     GraniteSpeechPlusForConditionalGeneration,
 )
 
-from gsopt.config import GraniteSpeechCTCConfig, to_hf_config
+from gsopt.model.config import GraniteSpeechCTCConfig, to_hf_config
 
 # Layer 0 is the input projection; layer 2 is the middle block of 4, whose export transformers
 # takes before adding the CTC feedback to the same tensor in place.

@@ -16,9 +16,9 @@ import pytest
 import soundfile
 import torch
 
-from gsopt.audio import SAMPLE_AUDIO, load_audio, sample_audio
+from gsopt.audio.files import SAMPLE_AUDIO, load_audio, sample_audio
+from gsopt.audio.frontend import LogMelFrontend, num_audio_tokens, num_feature_frames
 from gsopt.errors import GsoptError
-from gsopt.frontend import LogMelFrontend, num_audio_tokens, num_feature_frames
 
 # Lengths in samples: whole seconds, odd and even mel frame counts, just past a hop, and the
 # shortest clip torch's reflect padding accepts (257 samples).

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import gsopt
-from gsopt import bench, report
-from gsopt.pipeline import STAGES
+from gsopt.commands import bench, report
+from gsopt.engine.pipeline import STAGES
 
 
 def _run(module, argv: list[str]) -> int:

@@ -26,10 +26,11 @@ import soundfile
 from helpers import save_checkpoint
 from test_transcribe import audible_reference, speechlike, word_level_tokenizer
 
-from gsopt import cli, corpus
-from gsopt.checkpoint import load_model
-from gsopt.evaluate import agreement, score, spelling_mapping
-from gsopt.transcribe import transcribe
+from gsopt import cli
+from gsopt.commands.evaluate import agreement, score, spelling_mapping
+from gsopt.model.checkpoint import load_model
+from gsopt.transcription import corpus
+from gsopt.transcription.transcriber import transcribe
 
 MAX_NEW_TOKENS = 16
 # (id, seconds, rate): distinct lengths, out of order, at several rates
@@ -222,8 +223,8 @@ def test_torchrun_two_gloo_ranks_equal_one_process(reference, manifest, model_di
 REPLICA = """
 import json, sys
 import torch.distributed as dist
-from gsopt import corpus
-from gsopt.transcribe import Transcriber
+from gsopt.transcription import corpus
+from gsopt.transcription.transcriber import Transcriber
 
 ranks = corpus.Ranks.from_env()
 transcriber = Transcriber("tiny", device="cpu", max_new_tokens=4)

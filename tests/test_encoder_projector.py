@@ -7,15 +7,15 @@ import torch
 from helpers import REAL_WIDTH_ENCODER, hf_config, reference_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from gsopt.config import from_hf_config
-from gsopt.encoder import (
+from gsopt.errors import GsoptError
+from gsopt.model.config import from_hf_config
+from gsopt.model.encoder import (
     BLOCK_ATTENTION,
     ConformerEncoder,
     encoder_frame_mask,
     set_block_attention,
 )
-from gsopt.errors import GsoptError
-from gsopt.projector import QFormerProjector
+from gsopt.model.projector import QFormerProjector
 
 TOL = 1e-5
 

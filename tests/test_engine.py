@@ -1,5 +1,6 @@
-"""The static-cache decoder engine (gsopt.generate, gsopt.kv_cache) on the tiny model: the
-defects a first GPU run would trip on, reproduced on the CPU, and the `verify` step."""
+"""The static-cache decoder engine (gsopt.engine.generate, gsopt.engine.kv_cache) on the tiny
+model: the defects a first GPU run would trip on, reproduced on the CPU, and the `verify`
+step."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 import gsopt
-from gsopt import fms_decode
-from gsopt.generate import decode_one_token, generate, prefill, setup_cache, verify
-from gsopt.kv_cache import SDPA
+from gsopt.engine import fms_decode
+from gsopt.engine.generate import decode_one_token, generate, prefill, setup_cache, verify
+from gsopt.engine.kv_cache import SDPA
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import json
 
 import pytest
 
-from gsopt import explain
-from gsopt.apply import prompt_template
-from gsopt.checkpoint import load_model
+from gsopt.commands import explain
+from gsopt.commands.apply import prompt_template
+from gsopt.commands.explain import explain_gsopt, explain_reference
+from gsopt.engine.kv_cache import bucket
+from gsopt.engine.pipeline import STAGES, block_seconds, bucket_seconds
 from gsopt.errors import GsoptError
-from gsopt.explain import explain_gsopt, explain_reference
-from gsopt.kv_cache import bucket
-from gsopt.pipeline import STAGES, block_seconds, bucket_seconds
+from gsopt.model.checkpoint import load_model
 
 SECONDS = [1.0, 3.0, 5.0]
 

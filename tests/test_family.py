@@ -27,10 +27,10 @@ from safetensors.torch import load_file, save_file
 from test_audio_frontend import speechlike
 
 import gsopt
-from gsopt.config import CTC_VARIANTS, from_hf_config, to_hf_config
-from gsopt.ctc import FP32BatchNorm1d, GraniteSpeechCTC, ctc_greedy_decode
-from gsopt.encoder import encoder_frame_mask
-from gsopt.frontend import LogMelDeltaFrontend, num_feature_frames
+from gsopt.audio.frontend import LogMelDeltaFrontend, num_feature_frames
+from gsopt.model.config import CTC_VARIANTS, from_hf_config, to_hf_config
+from gsopt.model.encoder import encoder_frame_mask
+from gsopt.model.granite_speech5 import FP32BatchNorm1d, GraniteSpeechCTC, ctc_greedy_decode
 
 LOGITS_SCALING = TINY_TEXT["logits_scaling"]  # transformers returns logits * this
 EOS = TINY_TEXT["eos_token_id"]

@@ -14,8 +14,8 @@ from helpers import hf_config, reference_model, save_checkpoint
 from test_transcribe import word_level_tokenizer
 
 from gsopt.cli import main
-from gsopt.config import CTC_VARIANTS
-from gsopt.tokenizer import synthetic_ctc_tokenizer
+from gsopt.model.config import CTC_VARIANTS
+from gsopt.model.tokenizer import synthetic_ctc_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_apply_on_the_ctc_model_reports_only_its_stages(capsys, tmp_path):
 def test_bench_times_the_ctc_model_beside_transformers(tmp_path):
     import argparse
 
-    from gsopt import bench
+    from gsopt.commands import bench
 
     parser = argparse.ArgumentParser()
     bench.add_parser(parser.add_subparsers())
@@ -110,7 +110,7 @@ def test_bench_times_the_ctc_model_beside_transformers(tmp_path):
 
 def test_explain_sees_the_ctc_models_two_stages_without_breaks():
     import gsopt
-    from gsopt.explain import explain_gsopt
+    from gsopt.commands.explain import explain_gsopt
 
     model = gsopt.load_model("tiny-ctc")
     reports = explain_gsopt(model, [1.0, 2.0], [1], ["dynamic"], backend="eager")

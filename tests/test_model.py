@@ -19,10 +19,10 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 import gsopt
-from gsopt import fms_decode
-from gsopt.config import from_hf_config, to_hf_config
-from gsopt.encoder import encoder_frame_mask
-from gsopt.generate import generate
+from gsopt.engine import fms_decode
+from gsopt.engine.generate import generate
+from gsopt.model.config import from_hf_config, to_hf_config
+from gsopt.model.encoder import encoder_frame_mask
 
 LOGITS_SCALING = 4.0  # transformers 5.x returns logits * this; gsopt divides as Granite does
 

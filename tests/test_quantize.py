@@ -17,13 +17,13 @@ from helpers import (
 from torch._inductor.utils import run_and_get_code
 
 import gsopt
-from gsopt import bench
-from gsopt.accuracy import teacher_forced
 from gsopt.cli import main
-from gsopt.generate import decode_one_token, prefill, setup_cache
-from gsopt.pipeline import Pipeline, Stages
-from gsopt.quantize import is_quantized
-from gsopt.recipe import apply, load_recipe
+from gsopt.commands import bench
+from gsopt.engine.generate import decode_one_token, prefill, setup_cache
+from gsopt.engine.pipeline import Pipeline, Stages
+from gsopt.engine.quantize import is_quantized
+from gsopt.measure.accuracy import teacher_forced
+from gsopt.recipe.build import apply, load_recipe
 
 pytest.importorskip("torchao")
 
@@ -120,7 +120,7 @@ def _decode_step_code(model, step) -> str:
 def test_int8_decode_step_converts_weights_in_registers():
     """torchao computes `x @ qdata.t().to(float32) * scale`; compiled as it is (or through
     inductor's own decomposition, which realizes its inputs) that writes every weight out in
-    float32 on every step. gsopt.cpu_gemv fuses the conversion into the product's reduction:
+    float32 on every step. gsopt.engine.cpu_gemv fuses the conversion into the product's reduction:
     no buffer the size of a weight is allocated."""
     torch._dynamo.reset()
     model = gsopt.load_model("tiny", seed=1, lora="none")

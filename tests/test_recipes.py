@@ -13,9 +13,9 @@ from helpers import AUDIO_TOKEN_ID
 
 import gsopt
 from gsopt.cli import main
-from gsopt.pipeline import Pipeline, Stages
-from gsopt.recipe import CompiledStage, apply, builtin_recipes, changes_model, load_recipe
-from gsopt.timing import StageTimer
+from gsopt.engine.pipeline import Pipeline, Stages
+from gsopt.engine.timing import StageTimer
+from gsopt.recipe.build import CompiledStage, apply, builtin_recipes, changes_model, load_recipe
 
 TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
 CUDA_ONLY = {"cudagraph-decoder", "reduce-overhead"}
@@ -283,7 +283,7 @@ def test_cpu_decode_step_reads_weights_through_reductions():
 def test_onednn_linears_on_cpu_keep_tokens_and_one_decode_graph(eager_tokens):
     """best's [cpu] table packs every plain linear for oneDNN: the live LoRA's linears stay
     as they are, the tokens stay eager's, and the compiled decode step stays one graph."""
-    from gsopt.cpu_linear import OneDNNLinear
+    from gsopt.engine.cpu_linear import OneDNNLinear
 
     torch._dynamo.reset()
     model = tiny()

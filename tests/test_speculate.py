@@ -13,13 +13,13 @@ from family_helpers import save_out_llm
 from helpers import AUDIO_TOKEN_ID, hf_config, reference_model, save_checkpoint
 
 import gsopt
-from gsopt import drafts as ctc_drafts
 from gsopt.cli import main
-from gsopt.encoder import encoder_frame_mask
-from gsopt.generate import generate, truncate_at_eos
-from gsopt.recipe import load_recipe
-from gsopt.speculate import SpeculationStats, Steps, relaxed_decision, speculative_generate
-from gsopt.tokenizer import synthetic_tokenizer
+from gsopt.engine import drafts as ctc_drafts
+from gsopt.engine.generate import generate, truncate_at_eos
+from gsopt.engine.speculate import SpeculationStats, Steps, relaxed_decision, speculative_generate
+from gsopt.model.encoder import encoder_frame_mask
+from gsopt.model.tokenizer import synthetic_tokenizer
+from gsopt.recipe.build import load_recipe
 
 N = 24
 CTC_LABELS = 128  # a grapheme head over ASCII, so chr(label) is readable text

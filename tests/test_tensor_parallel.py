@@ -14,8 +14,8 @@ import torch
 from helpers import AUDIO_TOKEN_ID, add_lora, reference_model, save_checkpoint
 
 import gsopt
-from gsopt.generate import generate
-from gsopt.tensor_parallel import check_shardable
+from gsopt.engine.generate import generate
+from gsopt.model.tensor_parallel import check_shardable
 
 WORKER = Path(__file__).parent / "workers" / "tp_generate.py"
 

@@ -21,18 +21,18 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from gsopt import cli
-from gsopt.audio import SAMPLE_AUDIO, load_audio
-from gsopt.config import VARIANTS, get_variant
+from gsopt.audio.files import SAMPLE_AUDIO, load_audio
+from gsopt.audio.frontend import LogMelFrontend
 from gsopt.errors import GsoptError
-from gsopt.frontend import LogMelFrontend
-from gsopt.tokenizer import (
+from gsopt.model.config import VARIANTS, get_variant
+from gsopt.model.tokenizer import (
     AUDIO_TOKEN,
     PINNED_SYSTEM_TURN,
     prompt_ids,
     prompt_text,
     synthetic_tokenizer,
 )
-from gsopt.transcribe import transcribe
+from gsopt.transcription.transcriber import transcribe
 
 EOS_ID = 0
 # A token that some test clips emit early and others never: given a scaled copy of its output

@@ -9,15 +9,17 @@ import torch
 import torch.distributed as dist
 
 import gsopt
-from gsopt.generate import decode_one_token, generate
-from gsopt.tensor_parallel import load_tensor_parallel
+from gsopt.engine.generate import decode_one_token, generate
+from gsopt.model.tensor_parallel import load_tensor_parallel
 
 dist.init_process_group("gloo")
 folder, out = sys.argv[1], sys.argv[2]
 model = load_tensor_parallel(folder, lora="merged")
 torch.manual_seed(0)
 features = torch.randn(2, 37, 160)
-prompts = [torch.tensor([5, 6, *[gsopt.config.VARIANTS["tiny"].audio_token_id] * 9, 7, 8])] * 2
+prompts = [
+    torch.tensor([5, 6, *[gsopt.model.config.VARIANTS["tiny"].audio_token_id] * 9, 7, 8])
+] * 2
 with torch.no_grad():
     audio = model.embed_audio(features)
     eager = generate(model, prompts, audio, 12, stop_at_eos=False)

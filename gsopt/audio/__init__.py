@@ -1,0 +1,1 @@
+"""The audio layer: reading files and the log-mel frontends."""

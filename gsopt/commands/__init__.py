@@ -1,0 +1,1 @@
+"""The `gsopt` commands, one module each."""

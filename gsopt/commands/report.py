@@ -1,0 +1,314 @@
+"""`gsopt report`: turn `gsopt bench` JSON into a markdown report and PNG charts, so a run
+can be read (and committed) without rerunning it."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from gsopt.commands.apply import write_atomic
+from gsopt.commands.bench import SCHEMA
+from gsopt.engine.pipeline import STAGES
+from gsopt.errors import GsoptError
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GsoptError(f"{path}: no such results file") from None
+    except json.JSONDecodeError as e:
+        raise GsoptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        schema = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise GsoptError(f"{path}: not a gsopt bench result (schema {schema!r})")
+    return data
+
+
+def _point(row: dict[str, Any]) -> str:
+    return f"{row['dtype']} {row['audio_seconds']:g}s B={row['batch']} N={row['max_new_tokens']}"
+
+
+def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> str:
+    lines = ["# gsopt bench report", ""]
+    for name, data in results:
+        env, settings = data["environment"], data["settings"]
+        lines += [
+            f"## {name}",
+            "",
+            f"Model `{settings['model']}`; device {env['device']}; torch {env['torch']}, "
+            f"transformers {env['transformers']}, ibm-fms {env['ibm-fms']}; commit "
+            f"{env['commit']}; {env['date']}.",
+            f"Median / p90 of {settings['repeats']} timed runs after {settings['warmup_calls']} "
+            f"warm-up call, {settings.get('order', 'row by row')}. "
+            f"Decoding: {settings['decoding']}. LoRA: {settings['lora']}.",
+            f"MBU: the decode step's bytes per second over the read ceiling, {data['read_ceiling']}"
+            f" (column 'ceiling GB/s'). Peak memory: {data['memory_kind']}.",
+            "",
+        ]
+        table = []
+        for r in data["rows"]:
+            if r["error"] is not None:
+                table.append([_point(r), r["name"], f"error: {r['error']}"] + [""] * 11)
+                continue
+            e2e, sp = r["end_to_end"], r["speedup"]
+            roof = r.get("roofline") or {}
+            step = r["decode_ms_per_token"]
+            table.append(
+                [
+                    _point(r),
+                    r["name"],
+                    f"{e2e['median_ms']:.1f} / {e2e['p90_ms']:.1f}",
+                    _fmt(step and step["median_ms"]),
+                    f"{e2e['rtfx']:.1f}",
+                    f"{e2e['tokens_per_s']:.1f}",
+                    _fmt(roof.get("achieved_GBps")),
+                    _fmt(roof.get("ceiling_GBps"), ".1f"),
+                    _fmt(roof.get("mbu") and 100 * roof["mbu"], ".1f", "%"),
+                    f"{r['peak_memory_bytes'] / 2**20:.0f}",
+                    f"{e2e['compile_s']:.1f}",
+                    _fmt(sp["vs_eager"], suffix="x"),
+                    _fmt(sp["vs_transformers-eager"], suffix="x"),
+                    _fmt(sp["vs_transformers-static-compile"], suffix="x"),
+                ]
+            )
+        lines += [
+            tabulate(
+                table,
+                headers=[
+                    "point",
+                    "row",
+                    "e2e ms (med / p90)",
+                    "decode ms/tok",
+                    "RTFx",
+                    "tok/s",
+                    "GB/s",
+                    "ceiling GB/s",
+                    "MBU",
+                    "peak MiB",
+                    "compile s",
+                    "vs eager",
+                    "vs HF eager",
+                    "vs HF static+compile",
+                ],
+                tablefmt="github",
+            ),
+            "",
+            "Per stage, median / p90 ms per call (peers: the encoder, projector and prefill are "
+            "one transformers forward, shown as prefill).",
+            "",
+            tabulate(
+                [
+                    [_point(r), r["name"]]
+                    + [
+                        f"{r['stages'][s]['median_ms']:.2f} / {r['stages'][s]['p90_ms']:.2f}"
+                        if s in r["stages"]
+                        else "-"
+                        for s in STAGES
+                    ]
+                    for r in data["rows"]
+                    if r["error"] is None
+                ],
+                headers=["point", "row", *STAGES],
+                tablefmt="github",
+            ),
+            "",
+        ]
+        speculative = [r for r in data["rows"] if r["error"] is None and r.get("speculation")]
+        if speculative:
+            lines += [
+                "Speculative decoding, per call: tokens drafted and accepted, decoder forwards "
+                "(the prompt's included) and tokens per forward of a row. Rows NAME@A use "
+                "oracle drafts (the clip's own greedy output, a fraction A of its tokens kept);"
+                " the row without @ uses the real CTC draft, which random weights make noise.",
+                "",
+                tabulate(
+                    [
+                        [
+                            _point(r),
+                            r["name"],
+                            _fmt(r.get("draft_accuracy"), ".2f"),
+                            f"{r['speculation']['drafted']:.1f}",
+                            f"{r['speculation']['accepted']:.1f}",
+                            f"{r['speculation']['forwards']:.1f}",
+                            _fmt(r["speculation"]["tokens_per_forward"]),
+                            _fmt(_vs(r, data["rows"], "compile-decoder"), suffix="x"),
+                        ]
+                        for r in speculative
+                    ],
+                    headers=[
+                        "point",
+                        "row",
+                        "draft accuracy",
+                        "drafted",
+                        "accepted",
+                        "forwards",
+                        "tokens/forward",
+                        "vs compile-decoder",
+                    ],
+                    tablefmt="github",
+                ),
+                "",
+            ]
+        notes = sorted({n for r in data["rows"] for n in r["notes"]})
+        if notes:
+            lines += ["Fallbacks on this machine:", *[f"- {n}" for n in notes], ""]
+    if charts:
+        lines += ["## Charts", "", *[f"![{c}]({c})" for c in charts]]
+    else:
+        lines += ["No row ran (every row has an error), so there are no charts."]
+    return "\n".join(lines) + "\n"
+
+
+def _vs(row: dict[str, Any], rows: list[dict[str, Any]], name: str) -> float | None:
+    """End-to-end speed-up of `row` over the row called `name` at the same sweep point."""
+    for other in rows:
+        if other["name"] == name and other["error"] is None and _point(other) == _point(row):
+            return other["end_to_end"]["median_ms"] / row["end_to_end"]["median_ms"]
+    return None
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _write_png(path: Path, data: bytes) -> None:
+    """write_atomic writes text; charts go the same way (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """Stacked stage time, speed-ups vs the baselines, and MBU against the read ceiling
+    (100%). One bar per (point, row); no charts when no row ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["error"] is None]
+    if not ok:
+        return {}
+    labels = [f"{r['name']}\n{_point(r)}" for r in ok]
+    out: dict[str, bytes] = {}
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4.5))
+    bottom = [0.0] * len(ok)
+    for s in STAGES:
+        values = [r["stages"].get(s, {"median_ms": 0.0})["median_ms"] for r in ok]
+        ax.bar(labels, values, bottom=bottom, label=s)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylabel("median ms per call")
+    ax.set_title(
+        "Time per stage (transformers rows: encoder + projector + prefill are one forward)"
+    )
+    ax.legend()
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
+    out["stages.png"] = _png(fig)
+    plt.close(fig)
+
+    recipes = [r for r in ok if r["kind"] == "recipe"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(recipes)), 4.5))
+    refs = ("vs_eager", "vs_transformers-eager", "vs_transformers-static-compile")
+    width = 0.8 / len(refs)
+    for i, ref in enumerate(refs):
+        ax.bar(
+            [j + i * width for j in range(len(recipes))],
+            [r["speedup"][ref] or 0.0 for r in recipes],
+            width,
+            label=ref.replace("vs_", "vs "),
+        )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width for j in range(len(recipes))])
+    ax.set_xticklabels([f"{r['name']}\n{_point(r)}" for r in recipes], fontsize=7, rotation=30)
+    ax.set_ylabel("speed-up (ratio of end-to-end medians)")
+    ax.set_title("Speed-up per recipe")
+    ax.legend()
+    out["speedup.png"] = _png(fig)
+    plt.close(fig)
+
+    oracle = [r for r in ok if r.get("draft_accuracy") is not None]
+    if oracle:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        right = ax.twinx()
+        for name in sorted({r["name"].partition("@")[0] for r in oracle}):
+            mine = sorted(
+                (r for r in oracle if r["name"].startswith(f"{name}@")),
+                key=lambda r: r["draft_accuracy"],
+            )
+            accuracy = [r["draft_accuracy"] for r in mine]
+            ax.plot(
+                accuracy,
+                [_vs(r, rows, "compile-decoder") or 0.0 for r in mine],
+                "o-",
+                label=f"{name}: speed-up vs compile-decoder",
+            )
+            right.plot(
+                accuracy,
+                [r["speculation"]["tokens_per_forward"] for r in mine],
+                "s--",
+                color="gray",
+                label=f"{name}: tokens per forward",
+            )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("draft accuracy (fraction of the greedy tokens kept)")
+        ax.set_ylabel("end-to-end speed-up vs compile-decoder")
+        right.set_ylabel("tokens per decoder forward")
+        ax.set_title("Speculative decoding against draft accuracy")
+        ax.legend(loc="upper left", fontsize=7)
+        right.legend(loc="lower right", fontsize=7)
+        out["speculation.png"] = _png(fig)
+        plt.close(fig)
+
+    measured = [r for r in ok if r.get("roofline")]
+    if not measured:  # no decode step (Granite Speech 5.0): no roofline to draw
+        return out
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(measured)), 4.5))
+    values = [100 * r["roofline"]["mbu"] for r in measured]
+    bars = ax.bar([f"{r['name']}\n{_point(r)}" for r in measured], values)
+    ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], fontsize=7)
+    ax.axhline(100.0, color="red", linestyle="--", label="read ceiling (100%)")
+    ax.set_ylabel("decode MBU, % of the measured read ceiling")
+    ax.set_title("Decode bandwidth utilisation")
+    ax.legend()
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
+    out["mbu.png"] = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    results = [(Path(p).name, load_results(Path(p))) for p in args.results]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = charts([r for _, data in results for r in data["rows"]])
+    for name, data in images.items():
+        _write_png(out / name, data)
+    write_atomic(out / "report.md", markdown(results, list(images)))
+    print(f"wrote {out / 'report.md'} and {', '.join(images)}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "report",
+        help="markdown + PNG charts from bench JSON",
+        description="Turn `gsopt bench` JSON files into report.md and PNG charts (time per "
+        "stage, speed-ups, decode bandwidth use, speculation against draft accuracy).",
+    )
+    parser.add_argument("results", nargs="+", help="gsopt bench JSON files")
+    parser.add_argument("--out", default="bench-report", help="folder for report.md and PNGs")
+    parser.set_defaults(run=run)
+    return parser

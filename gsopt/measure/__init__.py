@@ -1,0 +1,1 @@
+"""Measuring: interleaved timing and how far a lossy recipe moved the model."""

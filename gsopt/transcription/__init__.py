@@ -1,0 +1,1 @@
+"""Transcription for users: the Python API and corpus runs."""
