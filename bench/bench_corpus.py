@@ -27,7 +27,7 @@ import soundfile
 import torch
 
 from gsopt.audio.files import load_audio
-from gsopt.commands.apply import environment, to_json, write_atomic
+from gsopt.results import environment, to_json, write_atomic
 from gsopt.transcription import corpus
 from gsopt.transcription.transcriber import Transcriber
 

@@ -1,26 +1,39 @@
-"""gsopt: Granite Speech on IBM's Foundation Model Stack, made fast stage by stage."""
+"""gsopt: Granite Speech on IBM's Foundation Model Stack, made fast stage by stage.
 
-import sys
+The layers, bottom up: `gsopt.model` (configs, the FMS model files, checkpoints),
+`gsopt.audio` (files, frontends), `gsopt.engine` (stages, caches, decoding, speculation,
+pipelines), `gsopt.recipe` (settings -> stages -> pipeline), `gsopt.measure`,
+`gsopt.transcription` (the Python API, corpus runs) and `gsopt.commands` (the CLI).
 
-try:
-    from gsopt.engine import kv_cache as _kv_cache  # noqa: F401  (registers the static-cache attention ops)
-    from gsopt.errors import GsoptError
-    from gsopt.model.checkpoint import load_model
-    from gsopt.model.config import VARIANTS, GraniteSpeechConfig, get_variant
-    from gsopt.model.granite_speech import GraniteSpeech
-except KeyboardInterrupt:
-    # `python -m gsopt` interrupted while torch loads (argv[0] is "-m" until the module is
-    # found): answer as the command line does later. A library import re-raises.
-    if sys.argv[:1] == ["-m"]:
-        print("gsopt: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    raise
+`import gsopt` alone loads no torch: the names below import their layer on first use, so a
+command that needs no model (`gsopt report`) starts at once. Importing `gsopt.model` (which
+`gsopt.load_model` does) registers the Granite Speech architectures with FMS.
+"""
 
-__all__ = [
-    "VARIANTS",
-    "GraniteSpeech",
-    "GraniteSpeechConfig",
-    "GsoptError",
-    "get_variant",
-    "load_model",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GsoptError": "gsopt.errors",
+    "load_model": "gsopt.model.checkpoint",
+    "VARIANTS": "gsopt.model.config",
+    "GraniteSpeechConfig": "gsopt.model.config",
+    "get_variant": "gsopt.model.family",
+    "GraniteSpeech": "gsopt.model.granite_speech",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gsopt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

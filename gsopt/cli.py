@@ -1,8 +1,9 @@
 """gsopt: transcribe speech with IBM's Granite Speech, and make it fast stage by stage.
 
-Each command lives in its own module and adds its own parser. User mistakes (`GsoptError`)
-print as one line on stderr with exit status 2; Ctrl-C prints `interrupted` and exits 130;
-bugs still raise with a traceback.
+Each command lives in its own module (`gsopt.commands`) and adds its own parser; only the
+command that runs is imported, so `gsopt report` (JSON to markdown) starts without torch.
+User mistakes (`GsoptError`) print as one line on stderr with exit status 2; Ctrl-C prints
+`interrupted` and exits 130; bugs still raise with a traceback.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from importlib.metadata import version
 
 from gsopt.errors import GsoptError
 
-# command -> module with `add_parser(subparsers)` returning a parser whose default `run` is set
+# command -> (module with `add_parser(subparsers, name, help)`, its one-line help)
 COMMANDS = {
-    "transcribe": "gsopt.transcription.transcriber",
-    "apply": "gsopt.commands.apply",
-    "bench": "gsopt.commands.bench",
-    "report": "gsopt.commands.report",
-    "explain": "gsopt.commands.explain",
-    "eval": "gsopt.commands.evaluate",
+    "transcribe": ("gsopt.commands.transcribe", "transcribe audio files"),
+    "apply": ("gsopt.commands.apply", "apply a recipe; check and time it against eager"),
+    "bench": ("gsopt.commands.bench", "sweep recipes against transformers; write JSON"),
+    "report": ("gsopt.commands.report", "markdown + PNG charts from bench JSON"),
+    "explain": (
+        "gsopt.commands.explain",
+        "graphs, graph breaks and recompiles per stage, vs transformers",
+    ),
+    "eval": ("gsopt.commands.evaluate", "word error rate of recipes against references"),
 }
-
 
 DESCRIPTION = (
     "Transcribe speech with IBM's Granite Speech on IBM's Foundation Model Stack, and make "
@@ -37,24 +40,34 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's default in its help, unless the help already says it (or it has none)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, argparse.SUPPRESS) or "default" in (action.help or ""):
+        if action.default in (None, argparse.SUPPRESS, False) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
 
+def parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with the named command's options added (the others list their help)."""
+    parser = argparse.ArgumentParser(prog="gsopt", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"gsopt {version('gsopt')}")
+    subparsers = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_Defaults),
+    )
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help) in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(module).add_parser(subparsers, name, help)
+        else:
+            subparsers.add_parser(name, help=help)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     command = "gsopt"
     try:
-        parser = argparse.ArgumentParser(prog="gsopt", description=DESCRIPTION)
-        parser.add_argument("--version", action="version", version=f"gsopt {version('gsopt')}")
-        subparsers = parser.add_subparsers(
-            dest="command",
-            required=True,
-            parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_Defaults),
-        )
-        for module in COMMANDS.values():
-            importlib.import_module(module).add_parser(subparsers)
-        args = parser.parse_args(argv)
+        args = parser_for(argv).parse_args(argv)
         command = f"gsopt {args.command}"
         return args.run(args) or 0
     except GsoptError as e:

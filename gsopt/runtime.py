@@ -7,6 +7,16 @@ import torch
 from gsopt.errors import GsoptError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What runs when no recipe is named where one recipe runs: eager stages on gsopt's static KV
+# cache (`recipes/static-kv.toml`).
+DEFAULT_RECIPE = "static-kv"
+CPU_MODEL, CUDA_MODEL = "cpu-small", "3.3-8b"
+
+
+def default_model(device_type: str) -> str:
+    """The one default-model rule of every command: a published size on a GPU, a size a
+    2-core CPU runs in seconds otherwise. Either way a variant: random weights."""
+    return CUDA_MODEL if device_type == "cuda" else CPU_MODEL
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -88,7 +88,7 @@ def test_command_options_out_of_range(capsys, tmp_path):
     cases = [
         (["apply", "--recipe", "eager", "--model", "tiny", "--repeats", "0"], "--repeats"),
         (["apply", "--recipe", "eager", "--model", "tiny", "--out", str(report)], "not a folder"),
-        (["bench", "--model", "tiny", "--batch", "0"], "--batch"),
+        (["bench", "--model", "tiny", "--batch-size", "0"], "--batch-size"),
         (["bench", "--model", "tiny", "--batch-size", "x"], "comma-separated numbers"),
         (["bench", "--model", "tiny", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["bench", "--model", "tiny", "--audio-seconds", "0"], "--audio-seconds"),

@@ -3,21 +3,19 @@ the roofline byte count matches a hand count."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
 import gsopt
+from gsopt.cli import parser_for
 from gsopt.commands import bench, report
 from gsopt.engine.pipeline import STAGES
 
 
 def _run(module, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    module.add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
+    args = parser_for(argv).parse_args(argv)
     return args.run(args)
 
 
@@ -25,7 +23,7 @@ def _run(module, argv: list[str]) -> int:
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     argv = ["bench", "--model", "tiny", "--device", "cpu", "--recipes", "eager,static-kv"]
-    argv += ["--audio-seconds", "1", "--batch", "2", "--max-new-tokens", "4", "--repeats", "2"]
+    argv += ["--audio-seconds", "1", "--batch-size", "2", "--max-new-tokens", "4", "--repeats", "2"]
     assert _run(bench, [*argv, "--out", str(out), "--profile", str(out.parent / "traces")]) == 0
     return out
 
@@ -137,7 +135,16 @@ def test_memory_bound_step_stays_under_its_read_ceiling(tmp_path):
     256 MB copy_ ceiling (read + write) gave MBUs of 147-185% on a machine with a 300 MB L3."""
     out = tmp_path / "mb.json"
     argv = ["bench", "--model", "cpu-small", "--device", "cpu", "--recipes", "static-kv"]
-    argv += ["--audio-seconds", "1", "--batch", "1", "--max-new-tokens", "12", "--repeats", "4"]
+    argv += [
+        "--audio-seconds",
+        "1",
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "12",
+        "--repeats",
+        "4",
+    ]
     assert _run(bench, [*argv, "--no-peers", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["roofline"]["bytes_per_step"] > 100e6

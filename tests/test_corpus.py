@@ -29,6 +29,7 @@ from test_transcribe import audible_reference, speechlike, word_level_tokenizer
 from gsopt import cli
 from gsopt.commands.evaluate import agreement, score, spelling_mapping
 from gsopt.model.checkpoint import load_model
+from gsopt.model.parallel import Layout
 from gsopt.transcription import corpus
 from gsopt.transcription.transcriber import transcribe
 
@@ -223,16 +224,16 @@ def test_torchrun_two_gloo_ranks_equal_one_process(reference, manifest, model_di
 REPLICA = """
 import json, sys
 import torch.distributed as dist
-from gsopt.transcription import corpus
+from gsopt.model.parallel import join
 from gsopt.transcription.transcriber import Transcriber
 
-ranks = corpus.Ranks.from_env()
-transcriber = Transcriber("tiny", device="cpu", max_new_tokens=4)
-corpus.start_replica(transcriber, ranks)
+layout = join(1)
+transcriber = Transcriber("tiny", device="cpu", max_new_tokens=4, layout=layout)
+transcriber.load()
 assert dist.is_initialized() and dist.get_world_size() == 2
 shapes = {k: list(v.shape) for k, v in transcriber.pipeline.model.state_dict().items()}
-open(f"{sys.argv[1]}/rank{ranks.rank}.json", "w").write(json.dumps(shapes))
-ranks.leave()
+open(f"{sys.argv[1]}/rank{layout.rank}.json", "w").write(json.dumps(shapes))
+layout.leave()
 """
 
 
@@ -330,7 +331,7 @@ def test_batches_keep_to_both_budgets_and_ranks_get_the_same_mix():
     # 10+9 fit 2 x 10 = 20 s padded; 8 alone would pass 3 x 10; three 3 s clips are the cap.
     assert sizes == [[10.0, 9.0], [8.0, 3.0], [3.0, 3.0, 1.0]]
     assert [[s for _, s in b] for b in corpus.plan_batches(items[:2], 8, 5.0)] == [[10.0], [9.0]]
-    dealt = [corpus.deal(items, corpus.Ranks(r, 2)) for r in (0, 1)]
+    dealt = [corpus.deal(items, Layout(r, 2)) for r in (0, 1)]
     assert [[s for _, s in share] for share in dealt] == [[10.0, 8.0, 3.0, 1.0], [9.0, 3.0, 3.0]]
 
 

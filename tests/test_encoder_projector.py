@@ -7,15 +7,16 @@ import torch
 from helpers import REAL_WIDTH_ENCODER, hf_config, reference_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from gsopt.engine import attention
 from gsopt.errors import GsoptError
 from gsopt.model.config import from_hf_config
 from gsopt.model.encoder import (
-    BLOCK_ATTENTION,
     ConformerEncoder,
     encoder_frame_mask,
     set_block_attention,
 )
 from gsopt.model.projector import QFormerProjector
+from gsopt.recipe.settings import parse_recipe
 
 TOL = 1e-5
 
@@ -67,10 +68,10 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def test_encoder_matches_reference(tiny, frames: int, impl: str):
     ref, enc, _ = tiny
-    set_block_attention(enc, impl)
+    set_block_attention(enc, ENCODER[impl].load())
     x = torch.randn(2, frames, 160, generator=torch.Generator().manual_seed(frames))
     assert _max_err(enc(x), ref.encoder(x).last_hidden_state) <= TOL
-    set_block_attention(enc, "sdpa")
+    set_block_attention(enc, ENCODER["sdpa"].load())
 
 
 @pytest.mark.parametrize("frames", [150, 200, 450])
@@ -127,6 +128,9 @@ def _naive_block_attention(q, k, v, rel_pos, valid_len, scale):
     return scores.softmax(-1) @ v
 
 
+ENCODER = attention.REGISTRY["encoder"]
+
+
 @torch.no_grad()
 def test_block_attention_implementations_agree():
     gen = torch.Generator().manual_seed(0)
@@ -135,9 +139,9 @@ def test_block_attention_implementations_agree():
     q, k, v = (torch.randn(len(valid_len), heads, ctx, dim, generator=gen) for _ in range(3))
     rel_pos = torch.randn(2 * ctx + 1, dim, generator=gen)
     want = _naive_block_attention(q, k, v, rel_pos, valid_len, dim**-0.5)
-    outs = {
-        name: fn(q, k, v, rel_pos, valid_len, dim**-0.5) for name, fn in BLOCK_ATTENTION.items()
-    }
+    native = {n: a for n, a in attention.REGISTRY["encoder"].items() if "cpu" in a.devices}
+    assert set(native) == {"sdpa", "math"}
+    outs = {name: a.load()(q, k, v, rel_pos, valid_len, dim**-0.5) for name, a in native.items()}
     for name, out in outs.items():
         assert torch.isfinite(out).all(), name
         for n, length in enumerate(valid_len.tolist()):
@@ -146,9 +150,9 @@ def test_block_attention_implementations_agree():
             assert _max_err(out[n, :, :length], want[n, :, :length]) <= TOL, (name, n)
 
 
-def test_unknown_block_attention_is_refused(tiny):
-    with pytest.raises(GsoptError, match="sdpa"):
-        set_block_attention(tiny[1], "nope")
+def test_unknown_block_attention_is_refused_when_the_recipe_is_read():
+    with pytest.raises(GsoptError, match="attention = 'nope' is not one of auto, sdpa, math"):
+        parse_recipe({"encoder": {"attention": "nope"}}, "my.toml")
 
 
 @torch.no_grad()

@@ -3,18 +3,17 @@ graph bound; transformers' full forward is seen to break (so the check can fail)
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from gsopt.commands import explain
-from gsopt.commands.apply import prompt_template
+from gsopt.cli import parser_for
 from gsopt.commands.explain import explain_gsopt, explain_reference
 from gsopt.engine.kv_cache import bucket
 from gsopt.engine.pipeline import STAGES, block_seconds, bucket_seconds
 from gsopt.errors import GsoptError
 from gsopt.model.checkpoint import load_model
+from gsopt.model.tokenizer import prompt_template
 
 SECONDS = [1.0, 3.0, 5.0]
 
@@ -80,12 +79,12 @@ def test_transformers_forward_breaks(model):
 
 
 def test_command_writes_table_and_json(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    explain.add_parser(parser.add_subparsers())
+    parser = parser_for(["explain"])
     out = tmp_path / "e.json"
     args = parser.parse_args(
-        ["explain", "--audio-seconds", "1", "--batch", "1", "--backend", "eager"]
-        + ["--strategy", "dynamic", "--no-reference", "--json", str(out)]
+        ["explain", "--model", "tiny", "--audio-seconds", "1", "--batch-size", "1"]
+        + ["--backend", "eager"]
+        + ["--strategy", "dynamic", "--no-reference", "--out", str(out)]
     )
     assert args.run(args) == 0
     data = json.loads(out.read_text())
@@ -97,8 +96,7 @@ def test_command_writes_table_and_json(tmp_path, capsys):
 
 
 def test_bad_strategy_is_a_user_error():
-    parser = argparse.ArgumentParser()
-    explain.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["explain", "--strategy", "nope"])
+    parser = parser_for(["explain"])
+    args = parser.parse_args(["explain", "--model", "tiny", "--strategy", "nope"])
     with pytest.raises(GsoptError, match="unknown strategy"):
         args.run(args)

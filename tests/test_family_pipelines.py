@@ -13,7 +13,7 @@ from family_helpers import reference_ctc_model, reference_plus_model, save_out_l
 from helpers import hf_config, reference_model, save_checkpoint
 from test_transcribe import word_level_tokenizer
 
-from gsopt.cli import main
+from gsopt.cli import main, parser_for
 from gsopt.model.config import CTC_VARIANTS
 from gsopt.model.tokenizer import synthetic_ctc_tokenizer
 
@@ -76,12 +76,8 @@ def test_apply_on_the_ctc_model_reports_only_its_stages(capsys, tmp_path):
 
 
 def test_bench_times_the_ctc_model_beside_transformers(tmp_path):
-    import argparse
 
-    from gsopt.commands import bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers())
+    parser = parser_for(["bench"])
     out = tmp_path / "ctc.json"
     args = parser.parse_args(
         [

@@ -23,7 +23,7 @@ from gsopt.engine.generate import decode_one_token, prefill, setup_cache
 from gsopt.engine.pipeline import Pipeline, Stages
 from gsopt.engine.quantize import is_quantized
 from gsopt.measure.accuracy import teacher_forced
-from gsopt.recipe.build import apply, load_recipe
+from gsopt.recipe import apply, load_recipe
 
 pytest.importorskip("torchao")
 
@@ -163,7 +163,9 @@ def test_bad_quantization_input_is_one_line(capsys, tmp_path):
     assert "float8" in err and "8.9" in err
     recipe = tmp_path / "int4.toml"
     recipe.write_text('kv_cache = "static"\n[quantize]\nweights = "int4"\ngroup_size = 128\n')
-    err = one_line_error(capsys, "transcribe", "--recipe", str(recipe), "--max-new-tokens", "2")
+    err = one_line_error(
+        capsys, "transcribe", "--model", "tiny", "--recipe", str(recipe), "--max-new-tokens", "2"
+    )
     assert "group_size = 128 does not divide the width 64" in err
     odd_vocab = save_checkpoint(reference_model(hf_config(vocab_size=328)), tmp_path / "v328")
     recipe.write_text(
@@ -187,7 +189,9 @@ def test_a_quantized_state_holding_objects_is_refused(capsys, tmp_path):
     torch.save({**state, "extra": Payload()}, saved)  # the same weights, plus a pickled object
     recipe = tmp_path / "reuse.toml"
     recipe.write_text(f'kv_cache = "static"\n[quantize]\nweights = "int8"\nsaved = "{saved}"\n')
-    err = one_line_error(capsys, "transcribe", "--recipe", str(recipe), "--max-new-tokens", "2")
+    err = one_line_error(
+        capsys, "transcribe", "--model", "tiny", "--recipe", str(recipe), "--max-new-tokens", "2"
+    )
     assert "not a gsopt quantized state (UnpicklingError)" in err
 
 

@@ -13,9 +13,10 @@ from helpers import AUDIO_TOKEN_ID
 
 import gsopt
 from gsopt.cli import main
-from gsopt.engine.pipeline import Pipeline, Stages
+from gsopt.engine.pipeline import Pipeline, Stages, baseline_stages
 from gsopt.engine.timing import StageTimer
-from gsopt.recipe.build import CompiledStage, apply, builtin_recipes, changes_model, load_recipe
+from gsopt.recipe import apply, builtin_recipes, changes_model, load_recipe
+from gsopt.recipe.compile import CompiledStage
 
 TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
 CUDA_ONLY = {"cudagraph-decoder", "reduce-overhead"}
@@ -33,7 +34,7 @@ def waves():
 @pytest.fixture(scope="module")
 def eager_tokens():
     model = tiny()
-    return Pipeline(model, Stages.eager(model, "dynamic"))(waves(), TEMPLATE, 24)
+    return Pipeline(model, baseline_stages(model))(waves(), TEMPLATE, 24)
 
 
 def test_builtin_recipes_exist():
@@ -71,7 +72,7 @@ def test_recipe_tokens_equal_eager(name, eager_tokens):
     assert len(set(eager_tokens[0].tolist())) > 3
     assert torch.equal(tokens, eager_tokens)
     if name in CUDA_ONLY and not torch.cuda.is_available():
-        assert any("cudagraph needs CUDA" in note for note in stages.notes)
+        assert any("cudagraph needs CUDA" in note for note in stages.report.notes)
 
 
 def test_recipe_file_errors(tmp_path):
@@ -176,7 +177,7 @@ def test_gpu_recipes_equal_eager_on_gpu(name, dtype):
     gives eager's tokens exactly; bf16 runs other kernels than eager (rounding differs), so
     it must agree on most tokens. No CUDA graph may be skipped."""
     model = gsopt.load_model("tiny", device="cuda", dtype=dtype, seed=1)
-    baseline = Pipeline(model, Stages.eager(model, "dynamic"))
+    baseline = Pipeline(model, baseline_stages(model))
     recipe_model = copy.deepcopy(model)
     stages = apply(recipe_model, load_recipe(name))
     pipeline = Pipeline(recipe_model, stages)
@@ -195,7 +196,7 @@ def test_gpu_recipes_equal_eager_on_gpu(name, dtype):
 
 def test_pipeline_keeps_live_lora_on_after_a_text_only_call(eager_tokens):
     model = tiny()
-    pipeline = Pipeline(model, Stages.eager(model, "dynamic"))
+    pipeline = Pipeline(model, baseline_stages(model))
     model(torch.tensor([[5, 6, 7]]))  # text only: transformers' rule turns the live LoRA off
     assert torch.equal(pipeline(waves(), TEMPLATE, 24), eager_tokens)
 
@@ -267,13 +268,13 @@ def test_cpu_decode_step_reads_weights_through_reductions():
     model = tiny()
     stages = apply(model, load_recipe("compile-decoder"))
     record: dict[str, tuple] = {}
-    Pipeline(model, Stages.eager(model, "static"))(waves(), TEMPLATE, 3, record=record)
+    Pipeline(model, Stages.eager(model))(waves(), TEMPLATE, 3, record=record)
     with torch.no_grad():
         _, codes = run_and_get_code(stages.decode, *record["decode"])
     code = "\n".join(codes)
     assert "def call" in code
     assert not re.search(r"extern_kernels\.(mm|addmm|bmm)\(", code)
-    plain = torch.compile(Stages.eager(model, "static").decode)  # MKL's products, for contrast
+    plain = torch.compile(Stages.eager(model).decode)  # MKL's products, for contrast
     torch._dynamo.reset()
     with torch.no_grad():
         _, codes = run_and_get_code(plain, *record["decode"])
@@ -293,4 +294,4 @@ def test_onednn_linears_on_cpu_keep_tokens_and_one_decode_graph(eager_tokens):
     assert isinstance(model.decoder.head, OneDNNLinear)
     assert torch.equal(Pipeline(model, stages)(waves(), TEMPLATE, 24), eager_tokens)
     assert stages.decode.graphs == 1 and stages.decode.graph_breaks == 0
-    assert "decode" in stages.changed and "encoder" in stages.changed
+    assert "decode" in stages.report.changed and "encoder" in stages.report.changed

@@ -19,7 +19,7 @@ from gsopt.engine.generate import generate, truncate_at_eos
 from gsopt.engine.speculate import SpeculationStats, Steps, relaxed_decision, speculative_generate
 from gsopt.model.encoder import encoder_frame_mask
 from gsopt.model.tokenizer import synthetic_tokenizer
-from gsopt.recipe.build import load_recipe
+from gsopt.recipe import load_recipe
 
 N = 24
 CTC_LABELS = 128  # a grapheme head over ASCII, so chr(label) is readable text

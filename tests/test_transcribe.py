@@ -24,7 +24,8 @@ from gsopt import cli
 from gsopt.audio.files import SAMPLE_AUDIO, load_audio
 from gsopt.audio.frontend import LogMelFrontend
 from gsopt.errors import GsoptError
-from gsopt.model.config import VARIANTS, get_variant
+from gsopt.model.config import VARIANTS
+from gsopt.model.family import get_variant
 from gsopt.model.tokenizer import (
     AUDIO_TOKEN,
     PINNED_SYSTEM_TURN,
@@ -32,6 +33,7 @@ from gsopt.model.tokenizer import (
     prompt_text,
     synthetic_tokenizer,
 )
+from gsopt.runtime import DEFAULT_RECIPE
 from gsopt.transcription.transcriber import transcribe
 
 EOS_ID = 0
@@ -39,7 +41,7 @@ EOS_ID = 0
 # row, end-of-text wins wherever it would, so those rows stop early and the rest run on.
 EOS_LOOKALIKE = 130
 MAX_NEW_TOKENS = 16
-JSON_FIELDS = {"path", "text", "audio_seconds", "prompt_tokens", "new_tokens", "batch"}
+JSON_FIELDS = {"recipe", "path", "text", "audio_seconds", "prompt_tokens", "new_tokens", "batch"}
 GRANITE_TEMPLATE = (
     "{%- for m in messages %}<|start_of_role|>{{ m['role'] }}<|end_of_role|>{{ m['content'] }}"
     "<|end_of_text|>\n{% endfor %}"
@@ -230,6 +232,14 @@ def test_no_file_uses_the_bundled_sample_and_variants_say_they_are_random(capsys
     assert code == 0
     assert out.startswith(f"{SAMPLE_AUDIO}: ") and len(out.splitlines()) == 1
     assert "random weights" in err
+
+
+def test_the_default_recipe_has_a_name_and_the_output_says_it(capsys):
+    code, out, err = run_cli(capsys, "--model", "tiny", "--max-new-tokens", 2, "--json")
+    assert code == 0 and json.loads(out)[0]["recipe"] == DEFAULT_RECIPE == "static-kv"
+    assert f"recipe {DEFAULT_RECIPE} (the default)" in err
+    code, out, err = run_cli(capsys, "--model", "tiny", "--max-new-tokens", 2, "--recipe", "eager")
+    assert code == 0 and "recipe eager\n" in err
 
 
 def test_prompt_text_formats():

@@ -11,7 +11,6 @@ size) against the read ceiling measured in the same run.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import resource
 import statistics
@@ -23,23 +22,34 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from gsopt import runtime
 from gsopt.audio.files import sample_audio
 from gsopt.audio.frontend import SAMPLE_RATE, LogMelDeltaFrontend, LogMelFrontend, num_audio_tokens
-from gsopt.commands.apply import default_model, environment, prompt_template, to_json, write_atomic
-from gsopt.engine.ctc_pipeline import CTCPipeline
+from gsopt.commands import options
+from gsopt.commands.options import at_least, recipe_list
 from gsopt.engine.drafts import oracle
-from gsopt.engine.pipeline import STAGES, Pipeline, prompt_for
+from gsopt.engine.pipeline import STAGES, prompt_for
 from gsopt.engine.quantize import stored_bytes
 from gsopt.engine.timing import StageTimer
 from gsopt.errors import GsoptError
 from gsopt.measure.interleave import Call, interleave, pipeline_runner, stats_ms
 from gsopt.model.checkpoint import from_hf_state_dict, load_config, load_model
-from gsopt.model.config import CTC_VARIANTS, VARIANTS, GraniteSpeechCTCConfig, to_hf_config
-from gsopt.recipe.build import apply, changes_model, load_draft_model, load_recipe
-from gsopt.runtime import DTYPES, resolve_device
+from gsopt.model.config import hf_model_class, to_hf_config
+from gsopt.model.family import family_of, is_variant
+from gsopt.model.loader import load_draft_model
+from gsopt.model.tokenizer import prompt_template
+from gsopt.recipe import build_pipeline, load_recipe
+from gsopt.results import BENCH_SCHEMA, environment, to_json, write_atomic
+from gsopt.runtime import (
+    DEFAULT_RECIPE,
+    DTYPES,
+    default_model,
+    resolve_device,
+    resolve_dtype,
+)
 
-SCHEMA = "gsopt-bench/2"
 PEERS = ("transformers-eager", "transformers-static-compile")
+DEFAULT_BENCH_RECIPES = "eager,static-kv,compile-decoder"
 
 
 def decode_step_bytes(model, batch: int, cache_len: int) -> int:
@@ -116,8 +126,8 @@ def reference_pair(source: str, device: torch.device, dtype: torch.dtype, with_p
     state dict in memory (no multi-GB save and load); a checkpoint folder is loaded by both.
     The LoRA adapter is left out on both sides."""
     config = load_config(source)
-    hf_class = _hf_class(config)
-    if source not in VARIANTS and source not in CTC_VARIANTS:
+    hf_class = hf_model_class(config)
+    if not is_variant(source):
         model = load_model(source, device=device, dtype=dtype, lora="none")
         hf = hf_class.from_pretrained(source, dtype=dtype).to(device) if with_peer else None
         return model, hf.eval() if hf is not None else None
@@ -126,17 +136,6 @@ def reference_pair(source: str, device: torch.device, dtype: torch.dtype, with_p
         hf = hf_class._from_config(to_hf_config(config), dtype=dtype).eval()
     model = from_hf_state_dict(config, hf.state_dict(), dtype).eval()
     return model, hf if with_peer else None
-
-
-def _hf_class(config):
-    """transformers' class for a config: the speech LLM, its Plus form, or the 5.0 CTC."""
-    import transformers
-
-    if isinstance(config, GraniteSpeechCTCConfig):
-        return transformers.GraniteSpeech5ForCTC
-    if config.encoder.cat_hidden_layers:
-        return transformers.GraniteSpeechPlusForConditionalGeneration
-    return transformers.GraniteSpeechForConditionalGeneration
 
 
 def ctc_peer_runner(hf, waves):
@@ -213,11 +212,7 @@ def recipe_runner(model, recipe_name: str, waves, template, new_tokens: int, **o
     """A recipe's pipeline as a runner, and the pipeline (its notes and speculation stats).
     A recipe that transforms the model gets a copy, so every row starts from the same model.
     `options`: `draft_model` for apply, `drafts` for each call."""
-    recipe = load_recipe(recipe_name)
-    if changes_model(model, recipe):
-        model = copy.deepcopy(model)
-    kind = Pipeline if hasattr(model, "decoder") else CTCPipeline
-    pipeline = kind(model, apply(model, recipe, options.get("draft_model")))
+    pipeline = build_pipeline(model, recipe_name, draft_model=options.get("draft_model"))
     drafts = {"drafts": options["drafts"]} if options.get("drafts") is not None else {}
     return pipeline_runner(pipeline, waves, template, new_tokens, **drafts), pipeline
 
@@ -229,7 +224,7 @@ def row_names(recipes: list[str], accuracies: list[float]) -> list[str]:
     for name in recipes:
         names.append(name)
         spec = load_recipe(name).speculate
-        if spec is not None and spec.draft in ("ctc", "ctc-bpe"):
+        if spec is not None and spec.kind.from_encoder:
             names += [f"{name}@{accuracy:g}" for accuracy in accuracies]
     return names
 
@@ -319,7 +314,7 @@ def _point_rows(
     draft_model=None,
 ) -> list[dict[str, Any]]:
     waves = [clip(seconds)] * batch
-    ctc = not hasattr(model, "decoder")  # Granite Speech 5.0: no prompt, no decode step
+    ctc = not family_of(model).decoder  # Granite Speech 5.0: no prompt, no decode step
     template = None if ctc else prompt_template(model.config)
     audio_s, tokens = seconds * batch, batch * new_tokens
     prompt_len = cache_len = step_bytes = 0
@@ -333,7 +328,7 @@ def _point_rows(
     # drafts noise); a fixed seed per accuracy.
     greedy = None
     if any("@" in name for name in names):
-        greedy = Pipeline(model)(waves, template, new_tokens).tolist()
+        greedy = build_pipeline(model, DEFAULT_RECIPE)(waves, template, new_tokens).tolist()
     rows = {
         name: dict(
             name=name,
@@ -383,7 +378,7 @@ def _point_rows(
                     drafts=drafts,
                     draft_model=draft_model,
                 )
-                rows[name]["notes"] = pipelines[name].stages.notes
+                rows[name]["notes"] = list(pipelines[name].stages.report.notes)
         except Exception as e:
             failed(name, e)
     peaks = dict.fromkeys(runners, 0)
@@ -417,7 +412,7 @@ def _point_rows(
                 decode_step_bytes(mine, batch, cache_len), step_s, ceiling.best
             )
         pipeline = pipelines.get(name)
-        if pipeline is not None and getattr(pipeline.stages, "speculation", None) is not None:
+        if pipeline is not None and pipeline.stages.plan.speculation is not None:
             row["speculation"] = {
                 key: value / len(calls[name]) if key not in ("tokens_per_forward",) else value
                 for key, value in pipeline.speculation_stats.to_json().items()
@@ -467,26 +462,23 @@ def _peers(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    default_source, default_dtype = default_model(device)
-    source = args.model or default_source
-    dtypes = (args.dtype or default_dtype).split(",")
+    source = args.model or default_model(device.type)
+    dtypes = (args.dtype or runtime.dtype_name(resolve_dtype(None, device))).split(",")
     for name in dtypes:
-        if name not in DTYPES:
-            raise GsoptError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    recipes = args.recipes.split(",")
+        resolve_dtype(name, device)
+    recipes = recipe_list(args.recipe, DEFAULT_BENCH_RECIPES)
     for name in recipes:
         load_recipe(name)  # unknown names fail before any model is built
-    if args.repeats < 1:
-        raise GsoptError(f"--repeats must be at least 1, got {args.repeats}")
+    at_least("--repeats", args.repeats, 1)
     out = Path(args.out)
     if out.is_dir():
         raise GsoptError(f"--out {out}: is a folder; name the JSON file to write")
     config = load_config(source)
     peers = _peers(args.peers)
     seconds = _numbers("--audio-seconds", args.audio_seconds, float, 0.1)
-    batches = _numbers("--batch", args.batch, int, 1)
+    batches = _numbers("--batch-size", args.batch_size, int, 1)
     new_tokens = _numbers("--max-new-tokens", args.max_new_tokens, int, 1)
-    template = [] if isinstance(config, GraniteSpeechCTCConfig) else prompt_template(config)
+    template = prompt_template(config) if family_of(config).decoder else []
     if not template:  # a CTC model has a forward to time, no generate to compile
         peers = [p for p in peers if p == "transformers-eager"]
     for s, n in [(max(seconds), max(new_tokens))] if template else []:
@@ -520,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             del model, hf, draft
     result = {
-        "schema": SCHEMA,
+        "schema": BENCH_SCHEMA,
         "environment": environment(device),
         "settings": {
             "model": str(source),
@@ -544,33 +536,38 @@ def run(args: argparse.Namespace) -> int:
         "memory_kind": memory_kind(device),
         "rows": rows,
     }
-    out = Path(args.out)
     write_atomic(out, to_json(result))
-    print(f"wrote {out} ({len(rows)} rows)")
+    if args.json:
+        print(to_json(result), end="")
+    print(f"wrote {out} ({len(rows)} rows)", file=sys.stderr)
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "bench",
-        help="sweep recipes against transformers; write JSON",
+        name,
+        help=help,
         description="Time recipes x audio length x batch size x new tokens x dtype, rows "
         "interleaved, beside transformers baselines on the same weights (by default two: "
         "eager generate, and static cache + compile; for a variant name the weights are "
         "random and built in memory), and write one JSON record for `gsopt report`.",
     )
-    parser.add_argument("--recipes", default="eager,static-kv,compile-decoder", help="comma list")
-    parser.add_argument("--model", help="checkpoint folder or variant (default: fits the device)")
-    parser.add_argument("--audio-seconds", default="10", help="comma list, e.g. 3,10,30")
+    options.add_recipe(parser, default=DEFAULT_BENCH_RECIPES)
+    options.add_model(parser)
     parser.add_argument(
-        "--batch-size", "--batch", dest="batch", default="1", help="comma list, e.g. 1,8,64"
+        "--audio-seconds", default="10", metavar="S,...", help="comma list, e.g. 3,10,30"
     )
-    parser.add_argument("--max-new-tokens", default="64", help="comma list, e.g. 64,128")
-    parser.add_argument("--dtype", help="comma list of float32, bfloat16, float16")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--out", default="bench.json", help="JSON file to write")
+    options.add_batch_size(parser, "comma list, e.g. 1,8,64", default="1")
+    parser.add_argument(
+        "--max-new-tokens", default="64", metavar="N,...", help="comma list, e.g. 64,128"
+    )
+    options.add_device(parser, dtype_list=True)
+    parser.add_argument("--out", default="bench.json", metavar="FILE.json", help="file to write")
+    options.add_json(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
-    parser.add_argument("--profile", type=Path, help="folder for a Chrome trace per recipe")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="folder for a Chrome trace per recipe"
+    )
     parser.add_argument(
         "--peers",
         default=",".join(PEERS),
@@ -587,8 +584,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "clip's own greedy output with this fraction of tokens kept (comma list, e.g. "
         "1.0,0.9,0.7,0)",
     )
-    parser.add_argument(
-        "--draft-model", metavar="DIR|VARIANT", help="the draft model of speculative-draft"
-    )
+    options.add_draft_model(parser)
     parser.set_defaults(run=run)
     return parser

@@ -27,13 +27,17 @@ from typing import Any
 
 from tabulate import tabulate
 
-from gsopt.commands.apply import check_writable_folder, environment, to_json, write_atomic
+from gsopt.commands import options
+from gsopt.commands.options import recipe_list
 from gsopt.errors import GsoptError
-from gsopt.model.checkpoint import load_model
-from gsopt.model.config import VARIANTS
-from gsopt.runtime import DTYPES, dtype_name
+from gsopt.model import parallel
+from gsopt.model.family import is_variant
+from gsopt.model.loader import load_target
+from gsopt.model.parallel import join
+from gsopt.results import check_writable_folder, environment, to_json, write_atomic
+from gsopt.runtime import default_model, dtype_name
 from gsopt.transcription import corpus
-from gsopt.transcription.transcriber import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MODEL, Transcriber
+from gsopt.transcription.transcriber import DEFAULT_MAX_NEW_TOKENS, Transcriber
 
 BASELINE = "eager"
 
@@ -115,14 +119,9 @@ def rtfx(records: list[dict[str, Any]]) -> float | None:
     return audio / seconds if seconds > 0 else None
 
 
-def recipe_names(text: str) -> list[str]:
-    """The --recipes list, eager first (added when absent: every figure is read against it)."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise GsoptError("--recipes: name at least one recipe, e.g. eager,best")
-    repeated = {name for name in names if names.count(name) > 1}
-    if repeated:
-        raise GsoptError(f"--recipes: {sorted(repeated)[0]!r} is named twice")
+def recipe_names(text: str | None) -> list[str]:
+    """The --recipe list, eager first (added when absent: every figure is read against it)."""
+    names = recipe_list(text, BASELINE)
     return [BASELINE, *(n for n in names if n != BASELINE)]
 
 
@@ -230,10 +229,10 @@ def render_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "eval",
-        help="word error rate of recipes against a manifest's references",
+        name,
+        help=help,
         description="Transcribe a manifest with each recipe and score it against the "
         "references (Whisper's English normalisation, jiwer's corpus WER and CER), beside "
         "eager: WER, CER, their change from eager, RTFx and token agreement with eager. "
@@ -247,22 +246,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help='JSONL ({"audio": PATH, "text": REFERENCE, "id": ID} a line) or CSV with those '
         "columns; every input needs its reference text",
     )
+    options.add_recipe(parser, default=f"{BASELINE} (always run as the baseline)")
+    options.add_model(parser)
     parser.add_argument(
-        "--recipes",
-        default=BASELINE,
-        metavar="R1,R2,...",
-        help="comma-separated recipe names or .toml files; eager is always run as the baseline",
+        "--out",
+        default="gsopt-eval",
+        metavar="DIR",
+        help="folder for eval.json, eval.md and transcripts/",
     )
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="DIR|VARIANT",
-        help=f"checkpoint folder or variant (default {DEFAULT_MODEL!r}: random weights, "
-        "so WER is meaningless)",
-    )
-    parser.add_argument("--out", default="gsopt-eval", metavar="DIR", help="report folder")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--dtype", metavar="|".join(DTYPES), help="weight dtype")
+    options.add_device(parser)
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -270,12 +262,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="N",
         help="most tokens generated per file",
     )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=corpus.DEFAULT_BATCH_SIZE,
-        metavar="N",
-        help="most files per batch",
+    options.add_batch_size(
+        parser, "most files per batch", default=corpus.DEFAULT_BATCH_SIZE, type=int
     )
     parser.add_argument(
         "--batch-seconds",
@@ -284,7 +272,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="S",
         help="most padded audio seconds per batch",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    options.add_draft_model(parser)
+    parallel.add_argument(parser)
+    options.add_json(parser)
+    options.add_quiet(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -299,36 +290,39 @@ def run(args: argparse.Namespace) -> int:
             f"{unreferenced[0].where}: no 'text' (the reference); gsopt eval scores every "
             f"input against its reference, and {len(unreferenced)} of {len(entries)} have none"
         )
-    names = recipe_names(args.recipes)
+    names = recipe_names(args.recipe)
     files = [transcript_name(name) for name in names]
     if len(set(files)) < len(files):
         raise GsoptError(f"--recipes: two recipes share a transcript name ({', '.join(files)})")
     out = Path(args.out)
     check_writable_folder(out)
-    ranks = corpus.Ranks.from_env()
-    device = ranks.device(args.device)
-    transcribers = {  # every recipe and setting checked before the weights are read
-        name: Transcriber(
-            args.model,
-            recipe=name,
-            device=device,
-            dtype=args.dtype,
-            max_new_tokens=args.max_new_tokens,
-        )
-        for name in names
-    }
-    transcripts = {n: out / "transcripts" / f for n, f in zip(names, files, strict=True)}
-    dtype = transcribers[BASELINE].dtype
-    weights = load_model(args.model, device=device, dtype=dtype)  # before the process group
+    layout = join(args.tp, args.device)
+    device = layout.device(args.device)
+    source = args.model or default_model(device.type)
     try:
+        transcribers = {  # every recipe and setting checked before the weights are read
+            name: Transcriber(
+                source,
+                recipe=name,
+                device=device,
+                dtype=args.dtype,
+                max_new_tokens=args.max_new_tokens,
+                draft_model=args.draft_model,
+                layout=layout,
+            )
+            for name in names
+        }
+        transcripts = {n: out / "transcripts" / f for n, f in zip(names, files, strict=True)}
+        dtype = transcribers[BASELINE].dtype
+        weights = load_target(source, device=device, dtype=dtype, layout=layout)
         for name, transcriber in transcribers.items():
-            if ranks.rank == 0:
+            if layout.rank == 0:
                 print(f"gsopt eval: {name}", file=sys.stderr)
             corpus.run(
                 entries,
                 transcripts[name],
                 transcriber,
-                ranks=ranks,
+                layout=layout,
                 batch_size=args.batch_size,
                 batch_seconds=args.batch_seconds,
                 progress=not args.quiet,
@@ -336,21 +330,23 @@ def run(args: argparse.Namespace) -> int:
             )
             transcriber.pipeline = None  # frees a recipe's copy of the weights
     finally:
-        ranks.leave()
-    if ranks.rank != 0:
+        layout.leave()
+    if layout.rank != 0:
         return 0
     notes = []
-    if str(args.model) in VARIANTS:
+    if is_variant(source):
         notes.append(
-            f"{args.model!r} has random weights: its text is gibberish and its WER meaningless "
-            "(the figures test the plumbing); pass --model DIR for a real checkpoint"
+            f"{str(source)!r} has random weights: its text is gibberish and its WER "
+            "meaningless (the figures test the plumbing); pass --model DIR for a real "
+            "checkpoint"
         )
     meta = {
         "manifest": str(args.manifest),
-        "model": str(args.model),
+        "model": str(source),
         "dtype": dtype_name(dtype),
         "max_new_tokens": args.max_new_tokens,
-        "processes": ranks.world,
+        "processes": layout.world,
+        "tensor_parallel": layout.tp,
         "environment": environment(device),
         "notes": notes,
     }
@@ -358,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
     markdown = render_markdown(data)
     write_atomic(out / "eval.json", to_json(data))
     write_atomic(out / "eval.md", markdown)
-    print(markdown, end="")
+    print(to_json(data) if args.json else markdown, end="")
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}", file=sys.stderr)
     failed = {r["recipe"]: r["failed"] for r in data["recipes"] if r["failed"]}
     if failed:

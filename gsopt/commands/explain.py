@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,13 +29,18 @@ import torch
 from tabulate import tabulate
 
 from gsopt.audio.frontend import SAMPLE_RATE
-from gsopt.commands.apply import environment, prompt_template, to_json, write_atomic
-from gsopt.engine.ctc_pipeline import CTC_STAGES, CTCPipeline, CTCStages
-from gsopt.engine.pipeline import STAGES, Pipeline, Stages, prompt_for
+from gsopt.commands import options
+from gsopt.commands.options import one_recipe
+from gsopt.engine.pipeline import prompt_for
 from gsopt.errors import GsoptError
 from gsopt.model.checkpoint import load_model
-from gsopt.model.config import to_hf_config
-from gsopt.runtime import resolve_device
+from gsopt.model.config import hf_model_class, to_hf_config
+from gsopt.model.family import family_of
+from gsopt.model.tokenizer import prompt_template
+from gsopt.recipe.build import PIPELINES, apply
+from gsopt.recipe.settings import load_recipe
+from gsopt.results import environment, to_json, write_atomic
+from gsopt.runtime import DEFAULT_RECIPE, default_model, resolve_device
 
 STRATEGIES = ("exact", "dynamic", "buckets")
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -156,29 +162,20 @@ def _kernel_count() -> int:
 # --- gsopt's stages ------------------------------------------------------------------------
 
 
-def _stage_names(model) -> tuple[str, ...]:
-    return STAGES if hasattr(model, "decoder") else CTC_STAGES
-
-
 def gsopt_points(model, stages, seconds: list[float], batches: list[int], strategy: str):
     """Each stage's arguments at every sweep point, as the pipeline passes them (recorded
     from an eager run of it). `buckets` pads audio and prompts as a bucketing recipe does."""
-    names = _stage_names(model)
+    names = family_of(model).stages
     points: dict[str, list[tuple]] = {s: [] for s in names}
     generator = torch.Generator().manual_seed(0)
-    if isinstance(stages, Stages):
-        template = prompt_template(model.config)
-        stages = dataclasses.replace(
-            stages,
-            audio_buckets=strategy == "buckets",
-            prefill_bucket=64 if strategy == "buckets" else 1,
-        )
-        pipeline = Pipeline(model, stages)
-    else:  # Granite Speech 5.0: frontend and encoder only
-        template = None
-        pipeline = CTCPipeline(
-            model, dataclasses.replace(stages, audio_buckets=strategy == "buckets")
-        )
+    buckets = strategy == "buckets"
+    plan = dataclasses.replace(
+        stages.plan, audio_buckets=buckets, prefill_bucket=64 if buckets else 1
+    )
+    pipeline = PIPELINES[family_of(model).name].pipeline(
+        model, dataclasses.replace(stages, plan=plan)
+    )
+    template = prompt_template(model.config) if family_of(model).decoder else None
     for sec in seconds:
         for batch in batches:
             waves = [torch.randn(int(sec * SAMPLE_RATE), generator=generator) * 0.1] * batch
@@ -194,12 +191,12 @@ def explain_gsopt(
 ) -> list[StageReport]:
     """Explain each stage once (the code is the same under every strategy), then sweep it
     under each strategy."""
-    stages = Stages.eager(model) if hasattr(model, "decoder") else CTCStages.eager(model)
+    stages = apply(model, load_recipe(DEFAULT_RECIPE))
     reports = []
     explained: dict[str, tuple] = {}
     for strategy in strategies:
         points = gsopt_points(model, stages, seconds, batches, strategy)
-        for stage in _stage_names(model):
+        for stage in family_of(model).stages:
             fn = getattr(stages, stage)
             if stage not in explained:
                 explained[stage] = _explain(fn, points[stage][0])
@@ -223,16 +220,14 @@ def explain_gsopt(
 def reference_model(model):
     """transformers' model with the same shapes as the gsopt model (random weights: compile
     analysis needs shapes and code paths, not trained numbers)."""
-    from gsopt.commands.bench import _hf_class
-
     torch.manual_seed(0)
     device = next(model.parameters()).device
-    return _hf_class(model.config)(to_hf_config(model.config)).eval().to(device)
+    return hf_model_class(model.config)(to_hf_config(model.config)).eval().to(device)
 
 
 def reference_points(model, ref, seconds: list[float], batches: list[int]) -> list[tuple]:
     device = next(model.parameters()).device
-    ctc = not hasattr(model, "decoder")
+    ctc = not family_of(model).decoder
     template = None if ctc else prompt_template(model.config)
     width = 4 * model.config.num_mel_bins if ctc else model.config.encoder.input_dim
     points = []
@@ -327,59 +322,68 @@ def render(reports: list[StageReport]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    seconds, batches = _floats(args.audio_seconds), [int(b) for b in _floats(args.batch)]
+    seconds, batches = _floats(args.audio_seconds), [int(b) for b in _floats(args.batch_size)]
     strategies = args.strategy.split(",")
     for s in strategies:
         if s not in STRATEGIES:
             raise GsoptError(f"unknown strategy {s!r}: choose from {', '.join(STRATEGIES)}")
     if args.backend not in BACKENDS:
         raise GsoptError(f"unknown backend {args.backend!r}: choose from {', '.join(BACKENDS)}")
-    model = load_model(args.model, device=device, lora="merged")
-    recipe_notes: list[str] = []
-    if args.recipe:
-        from gsopt.recipe.build import apply, load_recipe
-
-        recipe_notes = apply(model, load_recipe(args.recipe)).notes
+    recipe = load_recipe(one_recipe(args.recipe, "explain")) if args.recipe else None
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise GsoptError(f"--out {out}: is a folder; name the JSON file to write")
+    source = args.model or default_model(device.type)
+    model = load_model(source, device=device, lora="merged")
+    recipe_notes = list(apply(model, recipe).report.notes) if recipe is not None else []
     reports = explain_gsopt(model, seconds, batches, strategies, args.backend)
     if not args.no_reference:
         reports += explain_reference(model, seconds, batches, args.backend)
-    text = render(reports)
-    print(text, end="")
-    if args.json:
-        payload = {
-            "model": args.model,
-            "recipe": args.recipe,
-            "backend": args.backend,
-            "audio_seconds": seconds,
-            "batch": batches,
-            "environment": environment(device),
-            "notes": recipe_notes,
-            "stages": [asdict(r) for r in reports],
-        }
-        write_atomic(Path(args.json), to_json(payload))
-        print(f"wrote {args.json}")
+    payload = {
+        "model": str(source),
+        "recipe": args.recipe,
+        "backend": args.backend,
+        "audio_seconds": seconds,
+        "batch": batches,
+        "environment": environment(device),
+        "notes": recipe_notes,
+        "stages": [asdict(r) for r in reports],
+    }
+    print(to_json(payload) if args.json else render(reports), end="")
+    if out is not None:
+        write_atomic(out, to_json(payload))
+        print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "explain",
-        help="graphs, graph breaks and recompiles per stage, vs transformers",
+        name,
+        help=help,
         description="Compile each stage over a sweep of audio lengths and batch sizes and "
         "report graphs, graph breaks (with their source lines) and every recompile's guard "
         "failures, beside transformers' forward.",
     )
-    parser.add_argument("--recipe", help="apply this recipe's model changes first (dtype, LoRA)")
-    parser.add_argument("--model", default="tiny", help="checkpoint folder or variant")
+    parser.add_argument(
+        "--recipe",
+        "--recipes",
+        dest="recipe",
+        metavar="NAME",
+        help="apply this recipe's model changes first (dtype, LoRA, kernels)",
+    )
+    options.add_model(parser)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--audio-seconds", default="1,3,10,30,60", help="sweep of clip lengths")
-    parser.add_argument("--batch", default="1,4", help="sweep of batch sizes")
+    parser.add_argument(
+        "--audio-seconds", default="1,3,10,30,60", metavar="S,...", help="sweep of clip lengths"
+    )
+    options.add_batch_size(parser, "sweep of batch sizes (comma list)", default="1,4")
     parser.add_argument(
         "--strategy", default=",".join(STRATEGIES), help="exact, dynamic, buckets (comma list)"
     )
     parser.add_argument("--backend", default="inductor", help="inductor, aot_eager or eager")
     parser.add_argument("--no-reference", action="store_true", help="skip transformers' side")
-    parser.add_argument("--json", help="also write the report as JSON here")
+    parser.add_argument("--out", metavar="FILE.json", help="also write the report to this file")
+    options.add_json(parser)
     parser.set_defaults(run=run)
     return parser
 

@@ -5,29 +5,25 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
-from gsopt.commands.apply import write_atomic
-from gsopt.commands.bench import SCHEMA
-from gsopt.engine.pipeline import STAGES
 from gsopt.errors import GsoptError
+from gsopt.results import BENCH_SCHEMA, read_json, write_atomic
 
 
 def load_results(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GsoptError(f"{path}: no such results file") from None
-    except json.JSONDecodeError as e:
-        raise GsoptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        schema = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise GsoptError(f"{path}: not a gsopt bench result (schema {schema!r})")
+    data = read_json(path, "no such results file", "a gsopt bench result")
+    if data.get("schema") != BENCH_SCHEMA:
+        raise GsoptError(f"{path}: not a gsopt bench result (schema {data.get('schema')!r})")
     return data
+
+
+def stage_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The stages the rows timed, in pipeline order (bench writes them so)."""
+    return list(dict.fromkeys(s for r in rows if r["error"] is None for s in r["stages"]))
 
 
 def _point(row: dict[str, Any]) -> str:
@@ -113,12 +109,12 @@ def markdown(results: list[tuple[str, dict[str, Any]]], charts: list[str]) -> st
                         f"{r['stages'][s]['median_ms']:.2f} / {r['stages'][s]['p90_ms']:.2f}"
                         if s in r["stages"]
                         else "-"
-                        for s in STAGES
+                        for s in stage_names(data["rows"])
                     ]
                     for r in data["rows"]
                     if r["error"] is None
                 ],
-                headers=["point", "row", *STAGES],
+                headers=["point", "row", *stage_names(data["rows"])],
                 tablefmt="github",
             ),
             "",
@@ -183,13 +179,6 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _write_png(path: Path, data: bytes) -> None:
-    """write_atomic writes text; charts go the same way (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
     """Stacked stage time, speed-ups vs the baselines, and MBU against the read ceiling
     (100%). One bar per (point, row); no charts when no row ran."""
@@ -206,7 +195,7 @@ def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
 
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4.5))
     bottom = [0.0] * len(ok)
-    for s in STAGES:
+    for s in stage_names(ok):
         values = [r["stages"].get(s, {"median_ms": 0.0})["median_ms"] for r in ok]
         ax.bar(labels, values, bottom=bottom, label=s)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
@@ -295,20 +284,22 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     images = charts([r for _, data in results for r in data["rows"]])
     for name, data in images.items():
-        _write_png(out / name, data)
+        write_atomic(out / name, data)
     write_atomic(out / "report.md", markdown(results, list(images)))
     print(f"wrote {out / 'report.md'} and {', '.join(images)}")
     return 0
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "report",
-        help="markdown + PNG charts from bench JSON",
+        name,
+        help=help,
         description="Turn `gsopt bench` JSON files into report.md and PNG charts (time per "
         "stage, speed-ups, decode bandwidth use, speculation against draft accuracy).",
     )
     parser.add_argument("results", nargs="+", help="gsopt bench JSON files")
-    parser.add_argument("--out", default="bench-report", help="folder for report.md and PNGs")
+    parser.add_argument(
+        "--out", default="bench-report", metavar="DIR", help="folder for report.md and PNGs"
+    )
     parser.set_defaults(run=run)
     return parser

@@ -9,34 +9,32 @@ linears and quantizing the encoder.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from gsopt.audio.frontend import LogMelDeltaFrontend
-from gsopt.engine.pipeline import block_seconds, pad_waveforms
+from gsopt.engine.pipeline import DecodePlan, StageReport, block_seconds, pad_waveforms
 from gsopt.engine.timing import StageTimer, stage
 from gsopt.model.encoder import encoder_frame_mask
 from gsopt.model.granite_speech5 import ctc_greedy_decode
 
-CTC_STAGES = ("frontend", "encoder")
 
-
-@dataclass
+@dataclass(frozen=True)
 class CTCStages:
+    """The two stages of an encoder-only CTC model; of the plan only `audio_buckets`
+    applies (there is no decoder to plan for)."""
+
     frontend: Callable
     encoder: Callable  # (features, frame_mask) -> CTC logits
-    notes: list[str] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)
-    changed: set[str] = field(default_factory=set)
-    audio_buckets: bool = False
+    plan: DecodePlan = DecodePlan()
+    report: StageReport = StageReport()
 
     @classmethod
-    def eager(cls, model) -> CTCStages:
+    def eager(cls, model, **fields) -> CTCStages:
         device = next(model.parameters()).device
-        return cls(frontend=LogMelDeltaFrontend().to(device), encoder=model)
+        return cls(frontend=LogMelDeltaFrontend().to(device), encoder=model, **fields)
 
 
 class CTCPipeline:
@@ -61,7 +59,7 @@ class CTCPipeline:
     ) -> torch.Tensor:
         """The speech LLM pipeline's call signature; `template`, `max_new_tokens` and
         `stop_at_eos` do not apply to a CTC model and are ignored."""
-        block = block_seconds(self.model) if self.stages.audio_buckets else None
+        block = block_seconds(self.model) if self.stages.plan.audio_buckets else None
         waves, lengths = (t.to(self.device) for t in pad_waveforms(waveforms, block))
         with stage(timer, "frontend"):
             if record is not None:
@@ -86,36 +84,3 @@ class CTCPipeline:
         except TypeError:
             text = self.tokenizer.decode(labels, skip_special_tokens=True)
         return text.strip()
-
-
-def apply_ctc(model, recipe, settings: dict, notes: list[str], transforms) -> CTCStages:
-    """`gsopt.recipe.build.apply` for a CTC model: the transforms that apply (already filtered),
-    the frontend's and encoder's stage specs, and a note for everything else."""
-    from gsopt.recipe.build import STAGES, StageRecipe, _wrap, describe
-
-    default = StageRecipe()
-    for name in STAGES:
-        if name not in CTC_STAGES and dataclasses.replace(
-            settings[name], attention="auto"
-        ) != dataclasses.replace(default, attention="auto"):
-            notes.append(f"{name}: Granite Speech 5.0 (CTC) has no {name} stage; ignored")
-    for key, ignored in (
-        ("kv_cache", recipe.kv_cache == "static"),
-        ("lora", recipe.lora == "merged"),
-        ("speculate", recipe.speculate is not None),
-    ):
-        if ignored:
-            notes.append(f"{key}: Granite Speech 5.0 (CTC) has no decoder; ignored")
-    changed: set[str] = {s for s in CTC_STAGES if settings[s].backend != "eager"}
-    if recipe.audio_buckets:
-        changed.update(CTC_STAGES)
-    for transform in transforms:
-        if transform.changes(model):
-            changed.add("encoder")
-        transform(model)
-    stages = CTCStages.eager(model)
-    stages.notes, stages.changed, stages.audio_buckets = notes, changed, recipe.audio_buckets
-    stages.labels = {s: describe(settings[s]) for s in CTC_STAGES}
-    for s in CTC_STAGES:
-        setattr(stages, s, _wrap(getattr(stages, s), settings[s]))
-    return stages

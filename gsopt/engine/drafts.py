@@ -12,10 +12,14 @@
 - Oracle (benchmarks with random weights, whose CTC drafts are noise): the clip's own
   greedy output with a known fraction of its tokens replaced by random ones.
 The `ctc` stage (`grapheme_labels`, `bpe_labels`) runs batched on the device; collapsing
-and tokenizing run on the host.
+and tokenizing run on the host. `DRAFT_KINDS` is what a recipe's `[speculate] draft` may
+name: a new kind of draft is a function pair and one registry line.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -115,3 +119,42 @@ def oracle(tokens: list[list[int]], accuracy: float, vocab: int, seed: int = 0) 
             [t if k else int(n) for t, k, n in zip(row, keep.tolist(), noise, strict=True)]
         )
     return drafts
+
+
+def _needs_bpe_head(model) -> str | None:
+    if getattr(model.encoder, "out_llm", None) is None:
+        return (
+            "needs the BPE CTC head: put the checkpoint's out_llm.safetensors beside its "
+            "weights, or use draft = 'ctc'"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class DraftKind:
+    """Where speculation's proposals come from. An encoder draft has a `labels` stage (the
+    `ctc` stage: encoder, hidden, middle posteriors, frame mask -> labels, confidence) and a
+    host-side `tokens` reading (labels, frames, tokenizer -> each row's draft tokens);
+    without them the proposals come from a draft model. `unsupported` says why a model
+    cannot give this draft (None: it can)."""
+
+    name: str
+    labels: Callable | None = None
+    tokens: Callable | None = None
+    unsupported: Callable[[object], str | None] = lambda model: None
+
+    @property
+    def from_encoder(self) -> bool:
+        return self.labels is not None
+
+
+DRAFT_KINDS: dict[str, DraftKind] = {
+    "ctc": DraftKind("ctc", grapheme_labels, grapheme_tokens),
+    "ctc-bpe": DraftKind(
+        "ctc-bpe",
+        bpe_labels,
+        lambda labels, frames, tokenizer: bpe_tokens(labels, frames),
+        unsupported=_needs_bpe_head,
+    ),
+    "model": DraftKind("model"),
+}

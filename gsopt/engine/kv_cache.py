@@ -29,8 +29,6 @@ from fms.modules.attention import register_attention_op
 
 SDPA = "gsopt_static_sdpa"
 TRITON = "gsopt_static_triton"
-# Recipe `attention` values -> op names.
-ATTENTION_OPS = {"sdpa": SDPA, "triton": TRITON}
 
 
 class StaticKVCache:

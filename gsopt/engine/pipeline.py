@@ -2,8 +2,8 @@
 
 audio -> frontend -> encoder -> projector -> prefill -> decode loop. Each stage takes and
 returns tensors only, so a recipe can compile, capture or time it on its own without reaching
-into the model. `Stages.eager(model)` is the baseline; `gsopt.recipe.build.apply` swaps in
-optimised versions of the same functions.
+into the model. `Stages.eager(model)` is the baseline; a recipe (`gsopt.recipe.build.apply`)
+builds optimised versions of the same functions, all at once: `Stages` is immutable.
 """
 
 from __future__ import annotations
@@ -11,35 +11,28 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from gsopt.audio.frontend import HOP_LENGTH, SAMPLE_RATE, LogMelFrontend
-from gsopt.engine import drafts as drafts_
 from gsopt.engine import fms_decode, generate
 from gsopt.engine.kv_cache import SDPA
-from gsopt.engine.speculate import SpeculationStats, Steps, speculative_generate
+from gsopt.engine.speculate import Speculation, SpeculationStats, Steps, speculative_generate
 from gsopt.engine.timing import StageTimer, stage
 from gsopt.model.encoder import encoder_frame_mask
+from gsopt.model.family import SPEECH_LLM_STAGES
 from gsopt.model.tokenizer import synthetic_tokenizer
 
-if TYPE_CHECKING:
-    from gsopt.recipe.build import Speculation
-
-STAGES = ("frontend", "encoder", "projector", "prefill", "decode")
+STAGES = SPEECH_LLM_STAGES
 
 
 def block_seconds(model) -> float:
     """Seconds of audio in one attention block of the first encoder layer (an encoder frame
     is 2 mel frames, 20 ms: 200 frames = 4 s published; Granite Speech 5.0's 128 = 2.56 s)."""
-    config = model.config
-    context = (
-        config.context_size if hasattr(config, "context_size") else config.encoder.context_size
-    )
-    return context * 2 * HOP_LENGTH / SAMPLE_RATE
+    return model.config.encoder_context_size * 2 * HOP_LENGTH / SAMPLE_RATE
 
 
 def pad_waveforms(
@@ -64,13 +57,81 @@ def bucket_seconds(seconds: float, block: float) -> float:
     return math.ceil(seconds / block) * block
 
 
-@dataclass
+@dataclass(frozen=True)
+class CacheKind:
+    """A decoder path. `fixed_shapes`: its steps keep their shapes, so they can be compiled
+    or captured, and speculation can verify on it. `generate(model, prompts, audio,
+    max_new_tokens, stages, *, stop_at_eos, timer)` decodes with the stages' steps."""
+
+    name: str
+    fixed_shapes: bool
+    generate: Callable[..., torch.Tensor]
+    description: str
+
+
+def _fms_generate(model, prompts, audio, max_new_tokens, stages: Stages, **common):
+    return fms_decode.generate(
+        model, prompts, audio, max_new_tokens, check_every=stages.plan.check_every, **common
+    )
+
+
+def _static_generate(model, prompts, audio, max_new_tokens, stages: Stages, **common):
+    plan = stages.plan
+    return generate.generate(
+        model,
+        prompts,
+        audio,
+        max_new_tokens,
+        check_every=plan.check_every,
+        prefill_bucket=plan.prefill_bucket,
+        max_seq_len=plan.max_seq_len,
+        prefill_step=stages.prefill,
+        decode_step=stages.decode,
+        fixed_span=plan.fixed_span,
+        **common,
+    )
+
+
+KV_CACHES: dict[str, CacheKind] = {
+    "dynamic": CacheKind(
+        "dynamic", False, _fms_generate, "FMS as shipped: the cache grows every step"
+    ),
+    "static": CacheKind("static", True, _static_generate, "preallocated, written in place"),
+}
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the pipeline feeds the stages: which cache the decoder keeps; `fixed_span` that
+    the decode step needs fixed shapes (it is captured); `prefill_bucket` and
+    `audio_buckets` pad shapes so compiled stages see few of them; `check_every` how often
+    the decode loop syncs to look for end-of-text; `max_seq_len` sizes the static cache;
+    `speculation` the recipe's [speculate] table, if any."""
+
+    cache: CacheKind = KV_CACHES["static"]
+    fixed_span: bool = False
+    prefill_bucket: int = 1
+    audio_buckets: bool = False
+    check_every: int = 8
+    max_seq_len: int | None = None
+    speculation: Speculation | None = None
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What a report says of the stages: each one's label (what runs), the stages the recipe
+    changed against the baseline, and every fallback taken on this machine."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    changed: frozenset[str] = frozenset()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stages:
-    """One callable per stage (and `verify`, the decode step k tokens wide), and how the
-    pipeline feeds them: `kv_cache` says which decoder path runs; `fixed_span` that the
-    decode step needs fixed shapes (it is captured); `prefill_bucket` and `audio_buckets`
-    pad shapes so compiled stages see few of them; `check_every` is how often the decode
-    loop syncs to look for end-of-text; `max_seq_len` sizes the static cache."""
+    """One callable per stage, and `verify` (the decode step k tokens wide); the plan that
+    feeds them; what the report says. With speculation: `ctc`, the encoder draft's stage,
+    or `draft`, a draft model with its own stages."""
 
     frontend: Callable
     encoder: Callable
@@ -78,23 +139,20 @@ class Stages:
     prefill: Callable
     decode: Callable
     verify: Callable
-    kv_cache: str = "static"
-    fixed_span: bool = False
-    notes: list[str] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)
-    changed: set[str] = field(default_factory=set)  # stages the recipe changed vs the baseline
-    check_every: int = 8
-    prefill_bucket: int = 1
-    audio_buckets: bool = False
-    max_seq_len: int | None = None
-    # Speculative decoding (a recipe's [speculate] table): the CTC draft stage, and a draft
-    # model's own (model, Stages) when it drafts with one.
-    speculation: Speculation | None = None
+    plan: DecodePlan = DecodePlan()
+    report: StageReport = StageReport()
     ctc: Callable | None = None
-    draft: tuple | None = None
+    draft: tuple[Any, Stages] | None = None
+
+    @property
+    def steps(self) -> Steps:
+        """The decoder steps, as speculation calls them."""
+        return Steps(self.prefill, self.decode, self.verify, self.plan.fixed_span)
 
     @classmethod
-    def eager(cls, model, kv_cache: str = "static", attn_name: str = SDPA) -> Stages:
+    def eager(
+        cls, model, plan: DecodePlan = DecodePlan(), attn_name: str = SDPA, **fields: Any
+    ) -> Stages:
         frontend = LogMelFrontend().to(model.decoder.head.weight.device)
         return cls(
             frontend=frontend,
@@ -103,8 +161,15 @@ class Stages:
             prefill=functools.partial(generate.prefill, attn_name=attn_name),
             decode=functools.partial(generate.decode_one_token, attn_name=attn_name),
             verify=functools.partial(generate.verify, attn_name=attn_name),
-            kv_cache=kv_cache,
+            plan=plan,
+            **fields,
         )
+
+
+def baseline_stages(model) -> Stages:
+    """The baseline every recipe is checked and timed against: eager stages on FMS's own
+    growing cache."""
+    return Stages.eager(model, DecodePlan(cache=KV_CACHES["dynamic"]))
 
 
 def prompt_for(audio_tokens: int, template: list[int], audio_token_id: int) -> torch.Tensor:
@@ -159,10 +224,7 @@ class Pipeline:
         stages = self.stages if record is None else _recording(self.stages, record)
         audio, hidden, posteriors, frame_mask, frames = self.embed_audio(waveforms, stages, timer)
         prompts = self.prompts(waveforms, template)
-        common = dict(stop_at_eos=stop_at_eos, check_every=stages.check_every, timer=timer)
-        if stages.kv_cache == "dynamic":
-            return fms_decode.generate(model, prompts, audio, max_new_tokens, **common)
-        if stages.speculation is not None:
+        if stages.plan.speculation is not None:
             if drafts is None and stages.draft is None:
                 with stage(timer, "ctc"):
                     drafts, confidences = self.ctc_drafts(hidden, posteriors, frame_mask, frames)
@@ -177,24 +239,15 @@ class Pipeline:
                 stop_at_eos,
                 timer,
             )
-        return generate.generate(
-            model,
-            prompts,
-            audio,
-            max_new_tokens,
-            prefill_bucket=stages.prefill_bucket,
-            max_seq_len=stages.max_seq_len,
-            prefill_step=stages.prefill,
-            decode_step=stages.decode,
-            fixed_span=stages.fixed_span,
-            **common,
+        return stages.plan.cache.generate(
+            model, prompts, audio, max_new_tokens, stages, stop_at_eos=stop_at_eos, timer=timer
         )
 
     def embed_audio(self, waveforms: list[torch.Tensor], stages: Stages, timer=None):
         """frontend -> encoder -> projector: the audio rows, and what CTC drafts read."""
         self.model.use_audio_lora(True)  # every pipeline input carries audio
         dtype = self.model.projector.query.dtype
-        block = block_seconds(self.model) if stages.audio_buckets else None
+        block = block_seconds(self.model) if stages.plan.audio_buckets else None
         waves, lengths = (t.to(self.device) for t in pad_waveforms(waveforms, block))
         with stage(timer, "frontend"):
             features, frames = stages.frontend(waves, lengths)
@@ -216,12 +269,9 @@ class Pipeline:
         """Each row's CTC draft tokens and confidence (the `ctc` stage, then the host's
         collapsing and tokenizing); an empty draft has confidence inf."""
         labels, confidence = self.stages.ctc(hidden, posteriors, frame_mask)
-        if self.stages.speculation.draft == "ctc-bpe":
-            tokens = drafts_.bpe_tokens(labels, frames)
-        else:
-            if self.tokenizer is None:
-                self.tokenizer = synthetic_tokenizer(self.model.config)
-            tokens = drafts_.grapheme_tokens(labels, frames, self.tokenizer)
+        if self.tokenizer is None:
+            self.tokenizer = synthetic_tokenizer(self.model.config)
+        tokens = self.stages.plan.speculation.kind.tokens(labels, frames, self.tokenizer)
         confidences = [
             c if t else math.inf for c, t in zip(confidence.tolist(), tokens, strict=True)
         ]
@@ -239,19 +289,14 @@ class Pipeline:
         stop_at_eos,
         timer,
     ) -> torch.Tensor:
-        stages, spec = self.stages, self.stages.speculation
+        stages, spec = self.stages, self.stages.plan.speculation
         draft_model = None
         if drafts is None:  # a draft model proposes; it reads the audio with its own stages
             helper = Pipeline(*stages.draft, tokenizer=self.tokenizer)
             draft_audio = helper.embed_audio(waveforms, helper.stages)[0]
             draft_model = (
                 helper.model,
-                Steps(
-                    helper.stages.prefill,
-                    helper.stages.decode,
-                    helper.stages.verify,
-                    helper.stages.fixed_span,
-                ),
+                helper.stages.steps,
                 helper.prompts(waveforms, template),
                 draft_audio,
             )
@@ -267,10 +312,10 @@ class Pipeline:
             confidences=confidences or [math.inf] * len(prompts),
             ctc_threshold=spec.ctc_threshold,
             confidence_threshold=spec.confidence_threshold,
-            steps=Steps(stages.prefill, stages.decode, stages.verify, stages.fixed_span),
+            steps=stages.steps,
             stop_at_eos=stop_at_eos,
-            prefill_bucket=stages.prefill_bucket,
-            max_seq_len=stages.max_seq_len,
+            prefill_bucket=stages.plan.prefill_bucket,
+            max_seq_len=stages.plan.max_seq_len,
             stats=self.speculation_stats,
             timer=timer,
         )

@@ -23,8 +23,6 @@ logit error instead of demanding identical tokens.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 
 from gsopt.errors import GsoptError
+from gsopt.results import write_atomic
 from gsopt.runtime import DTYPES
 
 WEIGHTS = ("int8", "int4", "float8")
@@ -164,12 +163,9 @@ def _state(model, q: Quantization) -> dict[str, torch.Tensor]:
 
 def save_quantized(model, q: Quantization, path: Path) -> None:
     """The quantized stages' state (torchao's tensor subclasses serialize with torch.save),
-    written beside `path` and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save({"weights": q.weights, "group_size": q.group_size, "state": _state(model, q)}, tmp)
-    os.replace(tmp, path)
+    written atomically."""
+    saved = {"weights": q.weights, "group_size": q.group_size, "state": _state(model, q)}
+    write_atomic(path, lambda f: torch.save(saved, f))
 
 
 def load_quantized(model, q: Quantization, path: Path) -> None:

@@ -27,9 +27,33 @@ from dataclasses import asdict, dataclass
 import torch
 
 from gsopt.engine import generate as engine
+from gsopt.engine.drafts import DRAFT_KINDS, DraftKind
 from gsopt.engine.timing import StageTimer, stage
 
 MODES = ("exact", "relaxed")
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """A recipe's `[speculate]` table. `draft`: a kind in `gsopt.engine.drafts.DRAFT_KINDS`
+    (`ctc`: the grapheme CTC head, any checkpoint; `ctc-bpe`: granite-speech-4.1's BPE
+    head; `model`: a draft model, from `draft_model` or a command's --draft-model); `k`:
+    tokens per verification step; `mode`: `exact` (lossless) or `relaxed` (IBM's criterion,
+    lossy), which takes a draft whose CTC confidence is at most `ctc_threshold`, or one whose
+    every token has probability at least `confidence_threshold`."""
+
+    draft: str = "ctc"
+    k: int = 8
+    mode: str = "exact"
+    ctc_threshold: float = 0.5
+    confidence_threshold: float = 0.01
+    draft_model: str = ""
+
+    @property
+    def kind(self) -> DraftKind:
+        return DRAFT_KINDS[self.draft]
+
+
 # Longest run of generated tokens looked up in the draft (prompt-lookup decoding's n-gram).
 MAX_NGRAM = 3
 

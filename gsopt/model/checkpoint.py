@@ -10,31 +10,29 @@ any weight is copied, and each problem is reported as one `GsoptError` naming ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import sys
 from collections import ChainMap
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from fms import models
 from fms.utils import serialization
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from gsopt.errors import GsoptError
-from gsopt.model import granite_speech5 as ctc
 from gsopt.model.config import (
-    CTC_VARIANTS,
     MODEL_TYPES,
-    VARIANTS,
     GraniteSpeechConfig,
     GraniteSpeechCTCConfig,
     from_hf_config,
-    read_json,
 )
-from gsopt.model.granite_speech import ARCHITECTURE, GraniteSpeech
+from gsopt.model.family import family_of, get_variant, is_variant, variant_family, variant_names
+from gsopt.model.granite_speech import GraniteSpeech
 from gsopt.model.granite_speech5 import FP32BatchNorm1d, GraniteSpeechCTC
 from gsopt.model.lora import (
     LORA_MODES,
@@ -43,6 +41,7 @@ from gsopt.model.lora import (
     parse_peft_adapter,
     random_adapter,
 )
+from gsopt.results import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -199,8 +198,7 @@ def checkpoint_folder(source: str | Path) -> Path:
     folder = Path(source)
     if not folder.is_dir():
         raise GsoptError(
-            f"{source}: neither a variant ({', '.join([*VARIANTS, *CTC_VARIANTS])}) nor a "
-            "checkpoint folder"
+            f"{source}: neither a variant ({', '.join(variant_names())}) nor a checkpoint folder"
         )
     return folder
 
@@ -239,14 +237,15 @@ def load_config(source: str | Path) -> GraniteSpeechConfig | GraniteSpeechCTCCon
     """The config alone, no weights read (so inputs can be checked before a long load): a
     variant's, or the folder's config.json with its adapter_config.json if any; with
     out_llm.safetensors beside the weights, the encoder gets its BPE CTC head."""
-    if str(source) in VARIANTS:
-        return VARIANTS[str(source)]
-    if str(source) in CTC_VARIANTS:
-        return CTC_VARIANTS[str(source)]
+    if is_variant(source):
+        return get_variant(str(source))
     folder = checkpoint_folder(source)
     adapter_file = folder / ADAPTER_CONFIG
     adapter_config = read_json(adapter_file) if adapter_file.exists() else None
-    config = from_hf_config(read_json(folder / "config.json"), adapter_config)
+    config = from_hf_config(
+        read_json(folder / "config.json", "not found; a checkpoint folder needs config.json"),
+        adapter_config,
+    )
     if isinstance(config, GraniteSpeechConfig) and (folder / OUT_LLM_FILE).exists():
         encoder = dataclasses.replace(config.encoder, bpe_output_dim=_out_llm_rows(folder, config))
         config = dataclasses.replace(config, encoder=encoder)
@@ -274,7 +273,7 @@ def load_checkpoint(
     config = load_config(folder)
     tensors = _read_tensors(weight_files(folder))
     adapter = None
-    if not isinstance(config, GraniteSpeechCTCConfig):
+    if family_of(config).decoder:
         adapter = _adapter(folder)
         if config.encoder.bpe_output_dim:
             tensors.update(_read_out_llm(folder))
@@ -291,17 +290,41 @@ def from_hf_state_dict(
 ) -> GraniteSpeech | GraniteSpeechCTC:
     """A model from a Hugging Face state dict, on the tensors' device (a checkpoint's read
     from disk, or a transformers model's own, with no round trip through files)."""
-    if isinstance(config, GraniteSpeechCTCConfig):
-        with torch.device("meta"):
-            model: GraniteSpeech | GraniteSpeechCTC = GraniteSpeechCTC(config)
-        architecture = ctc.ARCHITECTURE
-    else:
-        with torch.device("meta"):
-            model = GraniteSpeech(config)
-        architecture = ARCHITECTURE
-    state_dict = serialization.get_adapted(architecture, "hf", tensors, {"model_config": config})
+    family = family_of(config)
+    with torch.device("meta"):
+        model = family.model(config)
+    state_dict = serialization.get_adapted(
+        family.architecture, "hf", tensors, {"model_config": config}
+    )
     _check_state_dict(model, state_dict)
     model.load_state_dict(_cast(model, state_dict, dtype), strict=False, assign=True)
+    model.post_init()
+    return model
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def random_model(
+    variant: str, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0
+) -> GraniteSpeech | GraniteSpeechCTC:
+    """A variant with random weights (no adapter), built as FMS's `get_model` builds one:
+    on the meta device in `dtype`, then materialised where it will run (an 8B init on a GPU
+    takes seconds) and reset. Not through `get_model` itself, which shards any model
+    tensor-parallel once a process group of several ranks exists."""
+    family = variant_family(variant)
+    torch.manual_seed(seed)
+    with torch.device("meta"), _default_dtype(dtype):
+        model = family.model(family.variants[variant])
+    model.to_empty(device=device)
+    model.reset_parameters()
     model.post_init()
     return model
 
@@ -321,19 +344,10 @@ def load_model(
     `GraniteSpeechCTC`, which has no LoRA; everything else a `GraniteSpeech`."""
     if lora not in LORA_MODES:
         raise GsoptError(f"unknown lora mode {lora!r}: choose one of {', '.join(LORA_MODES)}")
-    if str(source) in CTC_VARIANTS:
-        torch.manual_seed(seed)
-        model = models.get_model(
-            ctc.ARCHITECTURE, str(source), device_type=torch.device(device).type, data_type=dtype
-        )
-    elif str(source) in VARIANTS:
-        torch.manual_seed(seed)
-        # Random init where the model will run: an 8B init on a GPU takes seconds.
-        model = models.get_model(
-            ARCHITECTURE, str(source), device_type=torch.device(device).type, data_type=dtype
-        )
-        config: GraniteSpeechConfig = model.config
-        if config.lora_rank:
+    if is_variant(source):
+        model = random_model(str(source), device=device, dtype=dtype, seed=seed)
+        config = model.config
+        if getattr(config, "lora_rank", 0):
             generator = torch.Generator().manual_seed(seed)
             attach_audio_lora(model, random_adapter(config, generator), lora)
     else:

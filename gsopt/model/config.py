@@ -11,9 +11,7 @@ understand, so nothing about a real checkpoint is assumed.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fms.models.granite import GraniteConfig
@@ -103,6 +101,11 @@ class GraniteSpeechConfig(ModelConfig):
                 f"expected {expected} (encoder hidden_dim {self.encoder.hidden_dim} x "
                 f"({len(self.encoder.cat_hidden_layers)} cat_hidden_layers + 1))"
             )
+
+    @property
+    def encoder_context_size(self) -> int:
+        """Frames in one encoder attention block."""
+        return self.encoder.context_size
 
     @property
     def lora_scale(self) -> float:
@@ -358,6 +361,11 @@ class GraniteSpeechCTCConfig(ModelConfig):
         return 4 * self.num_mel_bins  # log-mels and deltas, two frames stacked
 
     @property
+    def encoder_context_size(self) -> int:
+        """Frames in one encoder attention block (of the first blocks, before subsampling)."""
+        return self.context_size
+
+    @property
     def time_reduction(self) -> int:
         return 2 ** len(self.subsample_layers)
 
@@ -386,16 +394,6 @@ CTC_VARIANTS: dict[str, GraniteSpeechCTCConfig] = {
         vocab_size=64,
     ),
 }
-
-
-def get_variant(name: str) -> GraniteSpeechConfig | GraniteSpeechCTCConfig:
-    if name in VARIANTS:
-        return VARIANTS[name]
-    if name in CTC_VARIANTS:
-        return CTC_VARIANTS[name]
-    raise GsoptError(
-        f"unknown variant {name!r}: choose one of {', '.join([*VARIANTS, *CTC_VARIANTS])}"
-    )
 
 
 def _require(section: dict[str, Any], key: str, where: str) -> Any:
@@ -652,6 +650,17 @@ def to_hf_config(config: GraniteSpeechConfig | GraniteSpeechCTCConfig):
     )
 
 
+def hf_model_class(config: GraniteSpeechConfig | GraniteSpeechCTCConfig):
+    """transformers' class for a config: the speech LLM, its Plus form, or the 5.0 CTC."""
+    import transformers
+
+    if isinstance(config, GraniteSpeechCTCConfig):
+        return transformers.GraniteSpeech5ForCTC
+    if config.encoder.cat_hidden_layers:
+        return transformers.GraniteSpeechPlusForConditionalGeneration
+    return transformers.GraniteSpeechForConditionalGeneration
+
+
 def _ctc_to_hf_config(config: GraniteSpeechCTCConfig):
     from transformers import GraniteSpeech5CTCConfig
 
@@ -677,18 +686,3 @@ def _ctc_to_hf_config(config: GraniteSpeechCTCConfig):
             attention_bias=config.ffn_bias,
         ),
     )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file, or a one-line error naming what is wrong with it."""
-    if path.is_dir():
-        raise GsoptError(f"{path}: is a folder; expected a JSON file")
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GsoptError(f"{path}: not found; a checkpoint folder needs config.json") from None
-    except json.JSONDecodeError as e:
-        raise GsoptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise GsoptError(f"{path}: holds a JSON {type(data).__name__}, expected an object")
-    return data

@@ -6,8 +6,9 @@ never reach the depthwise convolution, so a clip inside a padded batch gives the
 its real frames as the clip alone. All padding is shape arithmetic (no `.item()`, no branches on
 the data), so the forward compiles with `torch.compile(fullgraph=True)`.
 
-The attention inside each block of C frames is pluggable (`BLOCK_ATTENTION`,
-`set_block_attention`) so a fused kernel can replace the torch implementations.
+The attention inside each block of C frames is pluggable (`set_block_attention`; the
+implementations are listed in `gsopt.engine.attention`) so a fused kernel can replace the
+torch ones.
 """
 
 from __future__ import annotations
@@ -68,12 +69,6 @@ def math_block_attention(
     bias = _masked_position_bias(pos, valid_len)
     with sdpa_kernel(SDPBackend.MATH):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-
-
-BLOCK_ATTENTION: dict[str, BlockAttentionFn] = {
-    "sdpa": sdpa_block_attention,
-    "math": math_block_attention,
-}
 
 
 def encoder_frame_mask(lengths: Tensor, num_frames: int) -> Tensor:
@@ -288,15 +283,9 @@ class ConformerEncoder(nn.Module):
         return (torch.cat([*exported, x], dim=-1) if exported else x), posteriors
 
 
-def set_block_attention(encoder: nn.Module, impl: str | BlockAttentionFn) -> None:
-    """Use `impl` (a name in `BLOCK_ATTENTION` or a function) in every block attention of
-    `encoder` (3.x/4.x conformers and the 5.0 CTC model alike)."""
-    if isinstance(impl, str):
-        if impl not in BLOCK_ATTENTION:
-            raise GsoptError(
-                f"unknown block attention {impl!r}: choose one of {', '.join(BLOCK_ATTENTION)}"
-            )
-        impl = BLOCK_ATTENTION[impl]
+def set_block_attention(encoder: nn.Module, impl: BlockAttentionFn) -> None:
+    """Use `impl` in every block attention of `encoder` (3.x/4.x conformers and the 5.0 CTC
+    model alike)."""
     for module in encoder.modules():
         if isinstance(module, ShawBlockAttention):
             module.block_attention = impl

@@ -17,8 +17,9 @@ from fms.models.granite import Granite
 from fms.utils import serialization
 from torch import nn
 
-from gsopt.model.config import VARIANTS, GraniteSpeechConfig
+from gsopt.model.config import SPEECH_LLM_MODEL_TYPES, VARIANTS, GraniteSpeechConfig
 from gsopt.model.encoder import ConformerEncoder
+from gsopt.model.family import SPEECH_LLM_STAGES, Family, register_family
 from gsopt.model.lora import set_lora_enabled
 from gsopt.model.projector import QFormerProjector
 
@@ -151,9 +152,22 @@ def _factory(config: GraniteSpeechConfig):
     return factory
 
 
-# `import gsopt` runs this once; FMS's registries raise on a second registration.
+# Importing gsopt.model runs this once; FMS's registries raise on a second registration.
 for _variant, _config in VARIANTS.items():
     models.register_model(ARCHITECTURE, _variant, _factory(_config))
+register_family(
+    Family(
+        name="speech-llm",
+        config=GraniteSpeechConfig,
+        model=GraniteSpeech,
+        architecture=ARCHITECTURE,
+        model_types=SPEECH_LLM_MODEL_TYPES,
+        variants=VARIANTS,
+        stages=SPEECH_LLM_STAGES,
+        decoder=True,
+        parts=("encoder", "projector", "decoder"),
+    )
+)
 
 
 # --- the `hf` adapter: Hugging Face Granite Speech checkpoint -> gsopt/FMS names -------------

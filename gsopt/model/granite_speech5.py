@@ -30,6 +30,7 @@ from gsopt.audio.frontend import HOP_LENGTH
 from gsopt.errors import GsoptError
 from gsopt.model.config import CTC_MODEL_TYPE, CTC_VARIANTS, GraniteSpeechCTCConfig
 from gsopt.model.encoder import ShawBlockAttention, block_valid_lengths, check_frame_mask
+from gsopt.model.family import Family, register_family
 
 ARCHITECTURE = CTC_MODEL_TYPE
 
@@ -270,9 +271,22 @@ def _factory(config: GraniteSpeechCTCConfig):
     return factory
 
 
-# `import gsopt` runs this once; FMS's registries raise on a second registration.
+# Importing gsopt.model runs this once; FMS's registries raise on a second registration.
 for _variant, _config in CTC_VARIANTS.items():
     models.register_model(ARCHITECTURE, _variant, _factory(_config))
+register_family(
+    Family(
+        name="ctc",
+        config=GraniteSpeechCTCConfig,
+        model=GraniteSpeechCTC,
+        architecture=ARCHITECTURE,
+        model_types=(CTC_MODEL_TYPE,),
+        variants=CTC_VARIANTS,
+        stages=("frontend", "encoder"),
+        decoder=False,
+        parts=("encoder",),
+    )
+)
 
 
 # --- the `hf` adapter: transformers' GraniteSpeech5ForCTC checkpoint -> gsopt -------------

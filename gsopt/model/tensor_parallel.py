@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from fms import models
+from fms.utils import serialization
 
 from gsopt.errors import GsoptError
-from gsopt.model.checkpoint import _adapter, checkpoint_folder, load_config
-from gsopt.model.config import VARIANTS, GraniteSpeechConfig
+from gsopt.model.checkpoint import _adapter, checkpoint_folder, load_config, random_model
+from gsopt.model.config import GraniteSpeechConfig
+from gsopt.model.family import family_of, is_variant
 from gsopt.model.granite_speech import ARCHITECTURE, GraniteSpeech
-from gsopt.model.lora import LoraMode, attach_audio_lora
+from gsopt.model.lora import LoraMode, attach_audio_lora, random_adapter
 
 
 def check_shardable(config: GraniteSpeechConfig, world_size: int) -> None:
@@ -55,21 +57,25 @@ def load_tensor_parallel(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     lora: LoraMode = "merged",
+    seed: int = 0,
 ) -> GraniteSpeech:
-    """This rank's shard of the model (a checkpoint folder, or a variant with random
-    weights: each rank then draws its own shards)."""
+    """This rank's shard of the model: a checkpoint folder (FMS reads only this rank's
+    slices), or a variant, whose random weights are drawn whole, exactly as one process
+    draws them (`load_model(..., seed)`), and then sharded, so N shards compute what one
+    process computes."""
     world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
     config = load_config(source)
-    if not isinstance(config, GraniteSpeechConfig):
+    if not family_of(config).decoder:
         raise GsoptError(f"--tp: {source} has no decoder to shard (Granite Speech 5.0 is CTC)")
     check_shardable(config, world)
-    variant = str(source) if str(source) in VARIANTS else _variant_for(config)
-    folder = None if str(source) in VARIANTS else checkpoint_folder(source)
+    variant = is_variant(source)
+    folder = None if variant else checkpoint_folder(source)
     # FMS announces "using tensor parallel" on stdout, where transcripts go: send it to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         model = models.get_model(
             ARCHITECTURE,
-            variant,
+            str(source) if variant else _variant_for(config),
             model_path=str(folder) if folder else None,
             source="hf" if folder else None,
             device_type=torch.device(device).type,
@@ -77,39 +83,22 @@ def load_tensor_parallel(
             distributed_strategy="tp",
             group=group,
         )
-    adapter = _adapter(folder) if folder else None
-    if adapter is not None and lora != "none":
-        attach_audio_lora(model, adapter, lora, shard=(dist.get_rank(group), world))
-    return model.eval()
-
-
-def start(tp: int) -> int:
-    """Join the process group torchrun set up for `--tp N` (gloo on CPU, nccl on CUDA);
-    returns this process's rank. One rank, no torchrun: nothing to join."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp != world:
-        raise GsoptError(
-            f"--tp {tp}: run under torchrun with one process per shard, e.g. "
-            f"torchrun --nproc-per-node {tp} -m gsopt ... --tp {tp} (this run has {world})"
+    if variant:
+        whole = random_model(str(source), device=device, dtype=dtype, seed=seed)
+        serialization.load_state_dict_into_model(
+            model,
+            whole.state_dict(),
+            ARCHITECTURE,
+            "fms",
+            dtype=dtype,
+            distributed_strategy="tp",
+            initial_device=torch.device(device),
+            rank=rank,
         )
-    if tp == 1:
-        return 0
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank()
-
-
-def add_argument(parser) -> None:
-    """`--tp N`, as every command that can shard the decoder takes it."""
-    parser.add_argument(
-        "--tp",
-        type=int,
-        default=1,
-        metavar="N",
-        help="shard the decoder across N processes (FMS tensor parallelism); run under "
-        "torchrun --nproc-per-node N",
-    )
+        model.post_init()
+        adapter = random_adapter(config, torch.Generator().manual_seed(seed))
+    else:
+        adapter = _adapter(folder)
+    if adapter is not None and config.lora_rank and lora != "none":
+        attach_audio_lora(model, adapter, lora, shard=(rank, world))
+    return model.eval()

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from gsopt.errors import GsoptError
-from gsopt.model.config import CTC_VARIANTS, VARIANTS, GraniteSpeechConfig, GraniteSpeechCTCConfig
+from gsopt.model.config import GraniteSpeechConfig, GraniteSpeechCTCConfig
+from gsopt.model.family import family_of, is_variant
 
 AUDIO_TOKEN = "<|audio|>"
 END_OF_TEXT = "<|end_of_text|>"
@@ -34,9 +35,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def load_tokenizer(source: str | Path, config: GraniteSpeechConfig) -> PreTrainedTokenizerBase:
     """The checkpoint folder's tokenizer, or a synthetic one when `source` names a variant."""
-    ctc = isinstance(config, GraniteSpeechCTCConfig)
-    if str(source) in VARIANTS or str(source) in CTC_VARIANTS:
-        return synthetic_ctc_tokenizer(config) if ctc else synthetic_tokenizer(config)
+    prompted = family_of(config).decoder
+    if is_variant(source):
+        return synthetic_tokenizer(config) if prompted else synthetic_ctc_tokenizer(config)
     folder = Path(source)
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         raise GsoptError(
@@ -48,7 +49,7 @@ def load_tokenizer(source: str | Path, config: GraniteSpeechConfig) -> PreTraine
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GsoptError(f"{folder}: the tokenizer does not load ({first_line})") from None
-    if ctc:  # its labels are the tokenizer's ids; no prompt, no audio placeholder
+    if not prompted:  # CTC labels are the tokenizer's ids; no prompt, no audio placeholder
         return tokenizer
     audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     if audio_id != config.audio_token_id:
@@ -151,3 +152,13 @@ def prompt_ids(
 def decode(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
     """Generated ids to text, special tokens dropped, outer whitespace trimmed."""
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def prompt_template(config, source: str | Path | None = None) -> list[int]:
+    """The default transcription prompt's ids (one audio placeholder): through the checkpoint's
+    own tokenizer and chat template when `source` is a folder that has one, else through
+    gsopt's synthetic tokenizer, so timings see a prompt of realistic length."""
+    tokenizer = synthetic_tokenizer(config)
+    if source is not None and any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(source, config)
+    return prompt_ids(tokenizer, config.audio_token_id)

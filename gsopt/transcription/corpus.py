@@ -9,10 +9,12 @@ across processes by torchrun.
   JSON: a write cut short) is dropped, so its input is redone; every id already written is
   skipped. A bad file (missing, corrupt, empty, too long) becomes an `error` line, and the
   run goes on.
-- Under torchrun every rank reads the same manifest and headers, deals the duration-sorted
-  list round-robin (so each rank gets the same mix of lengths), writes its own part file,
-  and after a barrier rank 0 merges the parts into `--out` in manifest order. One process
-  appends to `--out` itself and sorts it the same way at the end, so both give the same file.
+- Under torchrun every rank reads the same manifest and headers, and each data-parallel
+  replica (`gsopt.model.parallel`: one process, or `--tp` shards of one model) takes the
+  duration-sorted list dealt round-robin (the same mix of lengths for each). A replica's
+  shards run every batch together; its first shard writes the replica's part file. After a
+  barrier rank 0 merges the parts into `--out` in manifest order. One process appends to
+  `--out` itself and sorts it the same way at the end, so both give the same file.
 """
 
 from __future__ import annotations
@@ -29,19 +31,17 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from gsopt.audio.files import MIN_SAMPLES, check_audio_file, load_audio
 from gsopt.audio.frontend import SAMPLE_RATE
-from gsopt.commands.apply import write_atomic
 from gsopt.errors import GsoptError
-from gsopt.runtime import resolve_device
+from gsopt.model.parallel import Layout
+from gsopt.results import write_atomic
 from gsopt.transcription.transcriber import Transcriber, Transcription
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,6 @@ RECORD_START = b'{"id": '  # every result line begins so: `error_record`, `resul
 MANIFEST_EXAMPLE = '{"audio": "clip.wav", "text": "reference", "id": "clip-1"}'
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_BATCH_SECONDS = 300.0
-# Ranks wait for the slowest at the final barrier; torchrun ends every rank when one dies, so
-# a long wait can only be a slow rank, never a dead one.
-BARRIER_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -235,7 +232,11 @@ class Appender:
     """Appends each batch's lines in one write, then flushes and syncs: a line is either
     whole on disk or torn at the end, where the next start drops it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
+        """`path` None: a rank that writes nothing (a replica's other shards)."""
+        self.file = None
+        if path is None:
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = path.open("a", encoding="utf-8")
@@ -243,13 +244,14 @@ class Appender:
             raise GsoptError(f"--out {path}: cannot write there ({exc.strerror})") from None
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        if records:
+        if records and self.file is not None:
             self.file.write("".join(_line(r) for r in records))
             self.file.flush()
             os.fsync(self.file.fileno())
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _line(record: dict[str, Any]) -> str:
@@ -275,75 +277,9 @@ def merge(out: Path, entries: list[Entry]) -> list[dict[str, Any]]:
 # --- processes -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        values = {}
-        for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
-            try:
-                values[name] = int(os.environ.get(name, default))
-            except ValueError:
-                raise GsoptError(f"{name}={os.environ[name]!r} is not a number") from None
-        ranks = cls(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
-        if not 0 <= ranks.rank < ranks.world:
-            raise GsoptError(f"RANK={ranks.rank} is outside WORLD_SIZE={ranks.world}")
-        return ranks
-
-    def device(self, name: str | None) -> torch.device:
-        """`--device`, with a bare `cuda` (or the default on a CUDA machine) meaning this
-        rank's own GPU, cuda:LOCAL_RANK."""
-        device = resolve_device(name)
-        if self.world > 1 and device.type == "cuda" and device.index is None:
-            device = resolve_device(f"cuda:{self.local_rank}")
-        return device
-
-    def join(self, device: torch.device) -> None:
-        """Join the process group (gloo on a CPU, nccl on CUDA) when there is more than one
-        rank. Call it only after the model is loaded: FMS's get_model goes tensor parallel
-        when it finds a process group of world size > 1 (`distributed_strategy=None` means
-        "tp if the world is larger than 1"), and each rank here holds a whole model."""
-        if self.world == 1 or dist.is_initialized():
-            return
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", timeout=BARRIER_TIMEOUT, device_id=device)
-        else:
-            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def leave(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def start_replica(
-    transcriber: Transcriber,
-    ranks: Ranks,
-    weights: torch.nn.Module | None = None,
-    *,
-    needed: bool = True,
-) -> None:
-    """Load this rank's whole copy of the model (unless it has nothing to do or has one),
-    then join the process group: in this order, FMS's get_model sees no group and loads the
-    model whole, as one process would, rather than sharding it tensor parallel."""
-    if needed and transcriber.pipeline is None:
-        transcriber.load(weights)
-    ranks.join(transcriber.device)
-
-
-def deal(items: list, ranks: Ranks) -> list:
-    """This rank's share of a duration-sorted list, dealt round-robin like cards."""
-    return items[ranks.rank :: ranks.world]
+def deal(items: list, layout: Layout) -> list:
+    """This replica's share of a duration-sorted list, dealt round-robin like cards."""
+    return items[layout.replica :: layout.replicas]
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -445,25 +381,27 @@ def run(
     out: str | os.PathLike,
     transcriber: Transcriber,
     *,
-    ranks: Ranks,
+    layout: Layout | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     batch_seconds: float = DEFAULT_BATCH_SECONDS,
     progress: bool = False,
     weights: torch.nn.Module | None = None,
 ) -> Summary | None:
-    """Transcribe this rank's share of `entries` into its part file, skipping ids already
-    written; then rank 0 merges everything into `out` and returns the summary (other ranks
-    return None). `weights`, when given, is a model already loaded (before the process group
-    existed) for the transcriber to use or copy. The caller leaves the process group."""
+    """Transcribe this replica's share of `entries` into its part file, skipping ids
+    already written; then rank 0 merges everything into `out` and returns the summary
+    (other ranks return None). `layout` is this process's place (`gsopt.model.parallel.join`,
+    already joined); `weights`, when given, a model already loaded for the transcriber to
+    use or copy. The caller leaves the process group."""
     out = Path(out)
+    layout = layout or Layout()
     if batch_size < 1:
         raise GsoptError(f"--batch-size must be at least 1, got {batch_size}")
     if not batch_seconds > 0:
         raise GsoptError(f"--batch-seconds must be above 0, got {batch_seconds}")
-    mine = part_path(out, ranks.rank, ranks.world)
+    mine = part_path(out, layout.replica, layout.replicas)
     done: set[str] = set()
     for path in dict.fromkeys([out, *part_files(out), mine]):
-        done.update(r["id"] for r in read_records(path, repair=path == mine))
+        done.update(r["id"] for r in read_records(path, repair=path == mine and layout.leader))
     unknown = done - {entry.id for entry in entries}
     if unknown:
         raise GsoptError(
@@ -480,20 +418,23 @@ def run(
         except GsoptError as exc:
             problems[entry.index] = str(exc)
     ordered = sorted(entries, key=lambda e: (-seconds.get(e.index, math.inf), e.index))
-    todo = [entry for entry in deal(ordered, ranks) if entry.id not in done]
+    todo = [entry for entry in deal(ordered, layout) if entry.id not in done]
 
-    sink = Appender(mine)
+    # Every shard of a replica runs every batch (its forward needs them all); its leader
+    # writes the lines.
+    sink = Appender(mine if layout.leader else None)
     audio_done, spent = 0.0, 0.0
     try:
         sink.write([error_record(e, None, problems[e.index]) for e in todo if e.index in problems])
         good = [(e, seconds[e.index]) for e in todo if e.index not in problems]
-        start_replica(transcriber, ranks, weights, needed=bool(good))
+        if good and transcriber.pipeline is None:
+            transcriber.load(weights)
         with tqdm(
             total=round(sum(s for _, s in good), 1),
             unit="s",
-            desc="transcribing" if ranks.world == 1 else f"rank 0 of {ranks.world}",
+            desc="transcribing" if layout.replicas == 1 else f"replica 0 of {layout.replicas}",
             file=sys.stderr,
-            disable=None if progress and ranks.rank == 0 else True,
+            disable=None if progress and layout.rank == 0 else True,
         ) as bar:
             start = time.perf_counter()
             for number, batch in enumerate(plan_batches(good, batch_size, batch_seconds)):
@@ -507,7 +448,7 @@ def run(
                 if kept:
                     results = transcriber.run_batch(number, [e.audio for e in kept], waves)
                     pairs = zip(kept, results, strict=True)
-                    records += [result_record(e, r, ranks.rank) for e, r in pairs]
+                    records += [result_record(e, r, layout.replica) for e, r in pairs]
                 sink.write(records)
                 batch_audio = sum(duration for _, duration in batch)
                 audio_done += batch_audio
@@ -516,9 +457,9 @@ def run(
                 bar.set_postfix(RTFx=f"{audio_done / spent:.1f}")
     finally:
         sink.close()
-    ranks.barrier()
-    if ranks.rank != 0:
+    layout.barrier()
+    if layout.rank != 0:
         return None
     records = merge(out, entries)
     failed = sum(1 for r in records if r.get("error") is not None)
-    return Summary(out, len(entries), len(records), failed, audio_done, spent, ranks.world)
+    return Summary(out, len(entries), len(records), failed, audio_done, spent, layout.replicas)

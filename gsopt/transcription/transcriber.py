@@ -1,17 +1,14 @@
-"""`gsopt transcribe`: audio files in, one line of text per file out, with per-stage timings.
+"""Transcription from Python: audio files in, text out, with per-stage timings.
 
-Everything the user can get wrong (files, devices, dtypes, clip lengths) is checked before the
-model's weights are read, so a typo costs seconds rather than a multi-gigabyte load. Files run
-in batches of `batch_size` in the order given; a padded batch gives each clip the text it gets
-alone, so the batch size changes speed only. `--manifest` runs a corpus instead
-(`gsopt.transcription.corpus`: duration-sorted batches, resumable JSONL output, torchrun ranks).
+Everything a user can get wrong (files, devices, dtypes, clip lengths, the recipe) is
+checked before the model's weights are read, so a typo costs seconds rather than a
+multi-gigabyte load. Files run in batches of `batch_size` in the order given; a padded
+batch gives each clip the text it gets alone, so the batch size changes speed only.
+Corpus runs (`gsopt.transcription.corpus`) drive the same `Transcriber`.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
 import logging
 import os
 import sys
@@ -26,22 +23,21 @@ from transformers import PreTrainedTokenizerBase
 
 from gsopt.audio.files import SAMPLE_AUDIO, check_audio_file, load_audio
 from gsopt.audio.frontend import HOP_LENGTH, SAMPLE_RATE
-from gsopt.engine.ctc_pipeline import CTCPipeline
 from gsopt.engine.generate import truncate_at_eos
-from gsopt.engine.pipeline import Pipeline
 from gsopt.engine.speculate import SpeculationStats
 from gsopt.engine.timing import StageTimer
 from gsopt.errors import GsoptError
-from gsopt.model import tensor_parallel
-from gsopt.model.checkpoint import load_config, load_model
-from gsopt.model.config import CTC_VARIANTS, VARIANTS, GraniteSpeechConfig, GraniteSpeechCTCConfig
+from gsopt.model.checkpoint import load_config
+from gsopt.model.config import GraniteSpeechConfig
+from gsopt.model.family import family_of
+from gsopt.model.loader import load_draft_model, load_models
+from gsopt.model.parallel import Layout
 from gsopt.model.tokenizer import decode, load_tokenizer, prompt_ids
-from gsopt.recipe.build import Recipe, changes_model, load_draft_model, load_recipe
-from gsopt.recipe.build import apply as apply_recipe
-from gsopt.runtime import DTYPES, resolve_device, resolve_dtype
+from gsopt.recipe import build_pipeline, load_recipe
+from gsopt.recipe.compile import compiles
+from gsopt.runtime import DEFAULT_RECIPE, default_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "tiny"
 DEFAULT_MAX_NEW_TOKENS = 200  # the Granite Speech model cards' setting
 
 
@@ -119,21 +115,8 @@ def check_clip_lengths(
             )
 
 
-def pipeline_for(model, recipe: Recipe | None, tokenizer=None, draft_model=None):
-    """Eager stages, or the ones the recipe builds (it may also merge the LoRA or cast);
-    `draft_model` for a recipe that drafts with one. A Granite Speech 5.0 (CTC) model gets
-    a `CTCPipeline`."""
-    kind = Pipeline if hasattr(model, "decoder") else CTCPipeline
-    if recipe is None:
-        return kind(model, None, tokenizer)
-    stages = apply_recipe(model, recipe, draft_model)
-    for note in stages.notes:
-        log.warning("recipe %s: %s", recipe.name, note)
-    return kind(model, stages, tokenizer)
-
-
 def _run_batch(
-    pipeline: Pipeline,
+    pipeline,
     tokenizer: PreTrainedTokenizerBase,
     template: list[int],
     index: int,
@@ -142,7 +125,7 @@ def _run_batch(
     max_new_tokens: int,
 ) -> list[Transcription]:
     config = pipeline.model.config
-    ctc = isinstance(pipeline, CTCPipeline)
+    ctc = not family_of(pipeline.model).decoder
     timer = StageTimer(pipeline.device, per_step=False)  # no sync per token
     pipeline.speculation_stats = SpeculationStats()
     start = time.perf_counter()
@@ -152,7 +135,7 @@ def _run_batch(
     else:
         rows = truncate_at_eos(tokens.cpu(), config.eos_token_id)
     seconds = time.perf_counter() - start
-    speculation = getattr(pipeline.stages, "speculation", None)
+    speculation = pipeline.stages.plan.speculation
     timings = BatchTimings(
         index=index,
         size=len(waveforms),
@@ -190,37 +173,39 @@ class Transcriber:
 
     def __init__(
         self,
-        model: str | os.PathLike = DEFAULT_MODEL,
+        model: str | os.PathLike | None = None,
         *,
-        recipe: str | None = None,
+        recipe: str = DEFAULT_RECIPE,
         device: str | torch.device | None = None,
         dtype: str | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         prompt: str | None = None,
         draft_model: str | os.PathLike | None = None,
-        tp: int = 1,
+        layout: Layout | None = None,
     ):
-        """`tp` > 1: the decoder sharded across that many torchrun processes (FMS tensor
-        parallelism; `gsopt.model.tensor_parallel.start` joins them first)."""
+        """`model`: a checkpoint folder or a variant (default: `gsopt.runtime.default_model`);
+        `recipe`: a built-in name or a .toml path; `layout`: this process's place under
+        torchrun (`gsopt.model.parallel.join`), whose tensor-parallel group shards the
+        decoder."""
         if max_new_tokens < 1:
             raise GsoptError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-        self.source = model
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.source = model if model is not None else default_model(self.device.type)
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_new_tokens = max_new_tokens
-        self.config = load_config(model)
-        self.tokenizer = load_tokenizer(model, self.config)
-        if isinstance(self.config, GraniteSpeechCTCConfig):  # no decoder: no prompt, positions
+        self.config = load_config(self.source)
+        self.tokenizer = load_tokenizer(self.source, self.config)
+        if not family_of(self.config).decoder:  # no decoder: no prompt, no positions
             if prompt is not None:
                 raise GsoptError("--prompt: Granite Speech 5.0 (CTC) takes no prompt; drop it")
             self.template = None
         else:
             self.template = prompt_ids(self.tokenizer, self.config.audio_token_id, prompt)
             self.check_lengths([], [])  # a prompt and budget that leave no room for audio
-        self.settings = load_recipe(recipe) if recipe is not None else None
+        self.recipe = load_recipe(recipe)
         self.draft_model = draft_model
-        self.tp = tp
-        self.pipeline: Pipeline | CTCPipeline | None = None
+        self.layout = layout
+        self.pipeline = None
 
     def check_lengths(self, paths: list[Path], num_samples: list[int]) -> None:
         """Refuse, naming the file, a clip whose audio tokens do not fit the positions."""
@@ -229,11 +214,19 @@ class Transcriber:
             check_clip_lengths(paths, num_samples, self.config, text_tokens, self.max_new_tokens)
 
     def load(self, weights: torch.nn.Module | None = None) -> None:
-        """Read the weights (and the draft model's) and build the recipe's stages; or use
+        """Read the weights (and the draft model's) and build the recipe's pipeline; or use
         `weights` already loaded, copied first if the recipe would change them, so the
         caller's model stays as it was (one load serves several recipes)."""
-        draft = None
-        if self.draft_model is not None:
+        owned = weights is None
+        if owned:
+            weights, draft = load_models(
+                self.source,
+                device=self.device,
+                dtype=self.dtype,
+                draft=self.draft_model,
+                layout=self.layout,
+            )
+        elif self.draft_model is not None:
             draft = load_draft_model(
                 self.draft_model,
                 self.config,
@@ -241,15 +234,23 @@ class Transcriber:
                 dtype=self.dtype,
                 target_source=self.source,
             )
-        if weights is None and self.tp > 1:
-            weights = tensor_parallel.load_tensor_parallel(
-                self.source, device=self.device, dtype=self.dtype, lora="live"
-            )
-        elif weights is None:
-            weights = load_model(self.source, device=self.device, dtype=self.dtype)
-        elif self.settings is not None and changes_model(weights, self.settings):
-            weights = copy.deepcopy(weights)
-        self.pipeline = pipeline_for(weights, self.settings, self.tokenizer, draft)
+        else:
+            draft = None
+        self.pipeline = build_pipeline(
+            weights,
+            self.recipe,
+            draft_model=draft,
+            tokenizer=self.tokenizer,
+            copy_if_changed=not owned,
+        )
+        for note in self.pipeline.stages.report.notes:
+            log.warning("recipe %s: %s", self.recipe.name, note)
+
+    @property
+    def compiles(self) -> bool:
+        """Whether the recipe compiles a stage (its first batch then takes longer)."""
+        stages = self.pipeline.stages
+        return any(compiles(getattr(stages, s)) for s in stages.report.labels)
 
     def run_batch(
         self, index: int, paths: list[Path], waveforms: list[torch.Tensor]
@@ -269,8 +270,8 @@ class Transcriber:
 def transcribe(
     files: list[str | os.PathLike] | None = None,
     *,
-    model: str | os.PathLike = DEFAULT_MODEL,
-    recipe: str | None = None,
+    model: str | os.PathLike | None = None,
+    recipe: str = DEFAULT_RECIPE,
     batch_size: int = 1,
     device: str | None = None,
     dtype: str | None = None,
@@ -278,17 +279,18 @@ def transcribe(
     prompt: str | None = None,
     progress: bool = False,
     draft_model: str | os.PathLike | None = None,
-    tp: int = 1,
+    layout: Layout | None = None,
 ) -> list[Transcription]:
     """Greedy transcripts of `files` (the bundled sample when empty), in the order given.
 
-    `model` is a checkpoint folder or a variant name (random weights, synthetic tokenizer);
-    `recipe` a built-in recipe name or a .toml path (None: eager stages); `prompt` replaces
-    the transcription request (e.g. a translation request). `progress` shows a bar on
-    stderr, in seconds of audio, when stderr is a terminal. A recipe's fallbacks on this
-    machine are logged as warnings. `draft_model` (a folder or variant sharing the model's
-    tokenizer) is the draft of a recipe that drafts with a model; `tp` > 1 shards the
-    decoder across that many torchrun processes.
+    `model` is a checkpoint folder or a variant name (random weights, synthetic tokenizer;
+    default `gsopt.runtime.default_model`); `recipe` a built-in recipe name or a .toml path
+    (default `static-kv`: eager stages on the static KV cache); `prompt` replaces the
+    transcription request (e.g. a translation request). `progress` shows a bar on stderr, in
+    seconds of audio, when stderr is a terminal. A recipe's fallbacks on this machine are
+    logged as warnings. `draft_model` (a folder or variant sharing the model's tokenizer) is
+    the draft of a recipe that drafts with a model; `layout` (from
+    `gsopt.model.parallel.join`) shards the decoder across torchrun processes.
     """
     if batch_size < 1:
         raise GsoptError(f"--batch-size must be at least 1, got {batch_size}")
@@ -300,15 +302,39 @@ def transcribe(
         max_new_tokens=max_new_tokens,
         prompt=prompt,
         draft_model=draft_model,
-        tp=tp,
+        layout=layout,
     )
+    paths, waveforms = read_files(files, transcriber)
+    transcriber.load()
+    return transcribe_files(transcriber, paths, waveforms, batch_size, progress)
+
+
+def read_files(
+    files: list[str | os.PathLike] | None, transcriber: Transcriber
+) -> tuple[list[Path], list[torch.Tensor]]:
+    """The files (the bundled sample when none), each checked from its header before any is
+    decoded: a file that is too long is refused without reading it (a 2-hour 48 kHz file
+    would take gigabytes)."""
     paths = [Path(f) for f in files] if files else [SAMPLE_AUDIO]
-    # Durations from the headers first: a file that is too long is refused before it is
-    # decoded (a 2-hour 48 kHz file would take gigabytes).
     num_samples = [round(check_audio_file(path) * SAMPLE_RATE) for path in paths]
     transcriber.check_lengths(paths, num_samples)
-    waveforms = [load_audio(path) for path in paths]
-    transcriber.load()
+    return paths, [load_audio(path) for path in paths]
+
+
+def transcribe_files(
+    transcriber: Transcriber,
+    paths: list[Path],
+    waveforms: list[torch.Tensor],
+    batch_size: int = 1,
+    progress: bool = False,
+) -> list[Transcription]:
+    """Batches of `batch_size` in the order given, through a loaded transcriber."""
+    if progress and transcriber.compiles:
+        print(
+            f"gsopt transcribe: compiling {transcriber.recipe.name}'s stages on the first "
+            "batch (on a CPU this can take a minute)",
+            file=sys.stderr,
+        )
     results: list[Transcription] = []
     total_seconds = sum(len(wave) for wave in waveforms) / SAMPLE_RATE
     with tqdm(
@@ -324,180 +350,3 @@ def transcribe(
             results.extend(done)
             bar.update(round(done[0].timings.audio_seconds, 1))
     return results
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "transcribe",
-        help="transcribe audio files",
-        description="Transcribe audio files with Granite Speech; one 'path: text' line each.",
-    )
-    parser.add_argument(
-        "files",
-        nargs="*",
-        metavar="FILE",
-        help="audio files (WAV, FLAC, OGG, ...; any rate, mono or stereo); none: the bundled "
-        "sample",
-    )
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="DIR|VARIANT",
-        help=f"checkpoint folder, or a variant with random weights ({', '.join(VARIANTS)}); "
-        f"default {DEFAULT_MODEL!r}, which prints gibberish",
-    )
-    parser.add_argument(
-        "--recipe",
-        metavar="NAME|FILE",
-        help="built-in recipe name or .toml file (default: eager stages, static KV cache)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        help="files per batch (default 1; with --manifest the most per batch, default 32)",
-    )
-    corpus = parser.add_argument_group(
-        "corpus runs",
-        "--manifest FILE --out FILE.jsonl: resumable, batched by duration, one JSON line per "
-        "input; under torchrun each process takes a share",
-    )
-    corpus.add_argument(
-        "--manifest",
-        metavar="FILE|DIR",
-        help='JSONL ({"audio": PATH, "text": REFERENCE, "id": ID} a line; paths relative to '
-        "its folder) or CSV with those columns, or a folder of audio files (recursive)",
-    )
-    corpus.add_argument(
-        "--out",
-        metavar="FILE.jsonl",
-        help="results of a --manifest run, one line per input; a rerun skips the ids in it",
-    )
-    corpus.add_argument(
-        "--batch-seconds",
-        type=float,
-        metavar="S",
-        help="most padded audio seconds per batch (clips x the longest) in a --manifest run "
-        "(default 300)",
-    )
-    parser.add_argument(
-        "--device", metavar="cpu|cuda", help="cpu, cuda or cuda:N (default: cuda if available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        metavar="|".join(DTYPES),
-        help="weight dtype (default: bfloat16 on cuda, float32 on cpu)",
-    )
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=DEFAULT_MAX_NEW_TOKENS,
-        metavar="N",
-        help=f"most tokens generated per file (default {DEFAULT_MAX_NEW_TOKENS})",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print a JSON list with token counts and timings"
-    )
-    parser.add_argument(
-        "--prompt",
-        metavar="TEXT",
-        help="instruction instead of transcription, e.g. 'translate the speech to French'",
-    )
-    parser.add_argument(
-        "--draft-model",
-        metavar="DIR|VARIANT",
-        help="the draft model of a recipe that drafts with one (speculative-draft); it must "
-        "share the model's tokenizer",
-    )
-    tensor_parallel.add_argument(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.tp > 1 and args.manifest is not None:
-        raise GsoptError(
-            "--tp with --manifest: not supported yet; torchrun a manifest without --tp (each "
-            "process a whole model and a share of the files), or --tp with files"
-        )
-    if args.manifest is not None:
-        return run_manifest(args)
-    rank = tensor_parallel.start(args.tp)
-    for option, value in (("--out", args.out), ("--batch-seconds", args.batch_seconds)):
-        if value is not None:
-            raise GsoptError(f"{option} applies to --manifest runs; add --manifest FILE")
-    results = transcribe(
-        args.files,
-        model=args.model,
-        recipe=args.recipe,
-        batch_size=1 if args.batch_size is None else args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        max_new_tokens=args.max_new_tokens,
-        prompt=args.prompt,
-        progress=not args.quiet and rank == 0,
-        draft_model=args.draft_model,
-        tp=args.tp,
-    )
-    if rank != 0:  # every shard computed the same tokens; one prints them
-        return 0
-    random_weights_note(args.model)
-    if args.json:
-        print(json.dumps([result.to_json() for result in results], indent=2, ensure_ascii=False))
-    else:
-        for result in results:
-            print(f"{result.path}: {result.text}")
-    return 0
-
-
-def random_weights_note(model: str | os.PathLike) -> None:
-    if str(model) in VARIANTS or str(model) in CTC_VARIANTS:
-        print(
-            f"gsopt transcribe: note: {model!r} is a variant with random weights, so the "
-            "text is gibberish; pass --model DIR for a real checkpoint",
-            file=sys.stderr,
-        )
-
-
-def run_manifest(args: argparse.Namespace) -> int:
-    """A corpus run (`gsopt.transcription.corpus`): exit 0 when every input was transcribed,
-    1 when some failed (their lines carry `error`); under torchrun only rank 0 reports."""
-    from gsopt.transcription import corpus
-
-    if args.files:
-        raise GsoptError("give audio files or --manifest, not both")
-    if args.out is None:
-        raise GsoptError("--manifest needs --out FILE.jsonl (results go there; a rerun resumes)")
-    if args.json:
-        raise GsoptError("--json prints positional files' results; a --manifest run writes --out")
-    entries = corpus.read_manifest(args.manifest)
-    ranks = corpus.Ranks.from_env()
-    transcriber = Transcriber(
-        args.model,
-        recipe=args.recipe,
-        device=ranks.device(args.device),
-        dtype=args.dtype,
-        max_new_tokens=args.max_new_tokens,
-        prompt=args.prompt,
-        draft_model=args.draft_model,
-    )
-    try:
-        summary = corpus.run(
-            entries,
-            args.out,
-            transcriber,
-            ranks=ranks,
-            batch_size=corpus.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
-            batch_seconds=corpus.DEFAULT_BATCH_SECONDS
-            if args.batch_seconds is None
-            else args.batch_seconds,
-            progress=not args.quiet,
-        )
-    finally:
-        ranks.leave()
-    if summary is None:
-        return 0
-    random_weights_note(args.model)
-    print(f"gsopt transcribe: {summary.line()}", file=sys.stderr)
-    return 1 if summary.failed else 0

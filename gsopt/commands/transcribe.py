@@ -1,0 +1,213 @@
+"""`gsopt transcribe`: audio files in, one line of text per file out (or a JSON list); with
+`--manifest`, a resumable corpus run into a JSONL file (`gsopt.transcription.corpus`).
+
+Under torchrun the process group is joined first (`gsopt.model.parallel.join`): `--tp N`
+shards the decoder N ways, and a manifest run splits its inputs across the replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from gsopt.commands import options
+from gsopt.commands.options import one_recipe, recipe_list
+from gsopt.errors import GsoptError
+from gsopt.model import parallel
+from gsopt.model.family import is_variant
+from gsopt.model.loader import load_target
+from gsopt.model.parallel import Layout, join
+from gsopt.runtime import DEFAULT_RECIPE
+from gsopt.transcription import corpus
+from gsopt.transcription.transcriber import (
+    DEFAULT_MAX_NEW_TOKENS,
+    Transcriber,
+    read_files,
+    transcribe_files,
+)
+
+
+def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description="Transcribe audio files with Granite Speech; one 'path: text' line each "
+        "(with several recipes, '[recipe] path: text').",
+    )
+    parser.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="audio files (WAV, FLAC, OGG, ...; any rate, mono or stereo); none: the bundled "
+        "sample",
+    )
+    options.add_model(parser)
+    options.add_recipe(parser, default=DEFAULT_RECIPE)
+    options.add_batch_size(
+        parser,
+        "files per batch (default 1; with --manifest the most per batch, default "
+        f"{corpus.DEFAULT_BATCH_SIZE})",
+        type=int,
+    )
+    group = parser.add_argument_group(
+        "corpus runs",
+        "--manifest FILE --out FILE.jsonl: resumable, batched by duration, one JSON line per "
+        "input; under torchrun each replica takes a share",
+    )
+    group.add_argument(
+        "--manifest",
+        metavar="FILE|DIR",
+        help='JSONL ({"audio": PATH, "text": REFERENCE, "id": ID} a line; paths relative to '
+        "its folder) or CSV with those columns, or a folder of audio files (recursive)",
+    )
+    group.add_argument(
+        "--out",
+        metavar="FILE.jsonl",
+        help="file for a --manifest run's results, one line per input; a rerun skips the ids in it",
+    )
+    group.add_argument(
+        "--batch-seconds",
+        type=float,
+        metavar="S",
+        help="most padded audio seconds per batch (clips x the longest) in a --manifest run "
+        f"(default {corpus.DEFAULT_BATCH_SECONDS:g})",
+    )
+    options.add_device(parser)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
+        help="most tokens generated per file",
+    )
+    options.add_json(parser)
+    parser.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help="instruction instead of transcription, e.g. 'translate the speech to French'",
+    )
+    options.add_draft_model(parser)
+    parallel.add_argument(parser)
+    options.add_quiet(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    names = recipe_list(args.recipe)
+    if args.manifest is None:
+        for option, value in (("--out", args.out), ("--batch-seconds", args.batch_seconds)):
+            if value is not None:
+                raise GsoptError(f"{option} applies to --manifest runs; add --manifest FILE")
+    else:
+        check_manifest_options(args)
+        one_recipe(args.recipe, "a --manifest run")
+    layout = join(args.tp, args.device)
+    try:
+        if args.manifest is not None:
+            return run_manifest(args, names[0], layout)
+        return run_files(args, names, layout)
+    finally:
+        layout.leave()
+
+
+def _transcriber(args: argparse.Namespace, recipe: str, layout: Layout) -> Transcriber:
+    return Transcriber(
+        args.model,
+        recipe=recipe,
+        device=layout.device(args.device),
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        draft_model=args.draft_model,
+        layout=layout,
+    )
+
+
+def run_files(args: argparse.Namespace, names: list[str], layout: Layout) -> int:
+    """Every file through each recipe; one model load serves them all."""
+    if layout.replicas > 1:
+        raise GsoptError(
+            f"files run on one model: start {args.tp} torchrun process(es) for --tp {args.tp}, "
+            f"not {layout.world}; a --manifest run splits its inputs across replicas"
+        )
+    batch_size = 1 if args.batch_size is None else args.batch_size
+    options.at_least("--batch-size", batch_size, 1)
+    transcribers = [_transcriber(args, name, layout) for name in names]  # all checked first
+    first = transcribers[0]
+    paths, waveforms = read_files(args.files, first)
+    weights = None
+    if len(transcribers) > 1:
+        weights = load_target(first.source, device=first.device, dtype=first.dtype, layout=layout)
+    results = {}
+    for transcriber in transcribers:
+        transcriber.load(weights)
+        progress = not args.quiet and layout.rank == 0
+        results[transcriber.recipe.name] = transcribe_files(
+            transcriber, paths, waveforms, batch_size, progress
+        )
+        transcriber.pipeline = None  # frees a recipe's copy of the weights
+    if layout.rank != 0:  # every shard computed the same tokens; one prints them
+        return 0
+    note(args, first.source, ", ".join(names))
+    if args.json:
+        rows = [
+            {"recipe": recipe, **result.to_json()}
+            for recipe, done in results.items()
+            for result in done
+        ]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    for recipe, done in results.items():
+        for result in done:
+            label = f"[{recipe}] " if len(results) > 1 else ""
+            print(f"{label}{result.path}: {result.text}")
+    return 0
+
+
+def note(args: argparse.Namespace, model: str | os.PathLike, recipes: str) -> None:
+    """What ran (unless --quiet), and a warning when the weights are random, on stderr
+    (stdout holds only transcripts)."""
+    if not args.quiet:
+        default = " (the default)" if args.recipe is None else ""
+        print(f"gsopt transcribe: recipe {recipes}{default}", file=sys.stderr)
+    if is_variant(model):
+        print(
+            f"gsopt transcribe: note: {str(model)!r} is a variant with random weights, so the "
+            "text is gibberish; pass --model DIR for a real checkpoint",
+            file=sys.stderr,
+        )
+
+
+def check_manifest_options(args: argparse.Namespace) -> None:
+    if args.files:
+        raise GsoptError("give audio files or --manifest, not both")
+    if args.out is None:
+        raise GsoptError("--manifest needs --out FILE.jsonl (results go there; a rerun resumes)")
+    if args.json:
+        raise GsoptError("--json prints positional files' results; a --manifest run writes --out")
+
+
+def run_manifest(args: argparse.Namespace, recipe: str, layout: Layout) -> int:
+    """A corpus run: exit 0 when every input was transcribed, 1 when some failed (their
+    lines carry `error`); under torchrun only rank 0 reports."""
+    entries = corpus.read_manifest(args.manifest)
+    transcriber = _transcriber(args, recipe, layout)
+    summary = corpus.run(
+        entries,
+        args.out,
+        transcriber,
+        layout=layout,
+        batch_size=corpus.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
+        batch_seconds=corpus.DEFAULT_BATCH_SECONDS
+        if args.batch_seconds is None
+        else args.batch_seconds,
+        progress=not args.quiet,
+    )
+    if summary is None:
+        return 0
+    note(args, transcriber.source, recipe)
+    print(f"gsopt transcribe: {summary.line()}", file=sys.stderr)
+    return 1 if summary.failed else 0

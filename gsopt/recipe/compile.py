@@ -1,0 +1,111 @@
+"""A stage as its settings say to run it: eager, compiled, or compiled and captured.
+
+`CompiledStage` counts its own graphs, graph breaks, recompiles and CUDA-graph skips, which
+the reports print; `portable` turns settings that need CUDA into the nearest form this
+machine runs, noting each fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gsopt.engine import cpu_gemv
+from gsopt.recipe.settings import StageRecipe
+
+# Stages whose compiled CPU code computes weight-times-few-rows products (`cpu_gemv`).
+GEMV_STAGES = ("prefill", "decode")
+
+
+def _counters() -> tuple[int, int, int]:
+    counters = torch._dynamo.utils.counters
+    return (
+        counters["stats"]["unique_graphs"],
+        sum(counters["graph_break"].values()),
+        counters["inductor"]["cudagraph_skips"],
+    )
+
+
+class CompiledStage:
+    """A compiled stage that counts its own graphs, graph breaks, recompiles and CUDA-graph
+    skips (inductor skips them silently, e.g. for mutated inputs)."""
+
+    def __init__(self, fn: Callable, **compile_kwargs: Any):
+        self.fn = torch.compile(fn, **compile_kwargs)
+        self.graphs = self.graph_breaks = self.recompiles = self.cudagraph_skips = 0
+        self.calls = 0
+
+    def __call__(self, *args):
+        before = _counters()
+        out = self.fn(*args)
+        new_graphs, new_breaks, new_skips = (
+            after - then for after, then in zip(_counters(), before, strict=True)
+        )
+        if self.calls:
+            self.recompiles += new_graphs
+        self.graphs += new_graphs
+        self.graph_breaks += new_breaks
+        self.cudagraph_skips += new_skips
+        self.calls += 1
+        return out
+
+
+def portable(stage: str, settings: StageRecipe, device: torch.device, notes: list[str]):
+    """The nearest form of a stage's compile settings that this device runs: without CUDA,
+    a captured step runs compiled, and the CUDA-graph modes run their graph-free forms."""
+    if device.type == "cuda":
+        return settings
+    changes: dict[str, Any] = {}
+    if settings.cudagraph:
+        changes.update(cudagraph=False, backend="compile")
+        notes.append(f"{stage}: cudagraph needs CUDA; ran a compiled step instead")
+    if settings.mode in ("reduce-overhead", "max-autotune"):
+        changes["mode"] = (
+            "default" if settings.mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+        )
+        notes.append(
+            f"{stage}: mode {settings.mode} uses CUDA graphs; ran mode {changes['mode']} instead"
+        )
+    return dataclasses.replace(settings, **changes)
+
+
+def wrap(fn: Callable, settings: StageRecipe, cpu_gemv_products: bool = False) -> Callable:
+    """Eager, compiled or captured, as the stage's settings say. With `cpu_gemv_products`,
+    the few-row products of a stage compiled for the CPU (all of a decode or verify step's,
+    the prefill's lm head over the rows it reads) become inductor reductions."""
+    if settings.backend == "eager":
+        return fn
+    kwargs: dict[str, Any] = dict(fullgraph=settings.fullgraph, dynamic=settings.dynamic)
+    options = cpu_gemv.inductor_options() if cpu_gemv_products else {}
+    if settings.mode != "default" and options:
+        options.update(torch._inductor.list_mode_options(settings.mode))
+    elif settings.mode != "default":
+        kwargs["mode"] = settings.mode
+    if options:
+        kwargs["options"] = options
+    compiled = CompiledStage(fn, **kwargs)
+    if settings.cudagraph:
+        from gsopt.engine.cudagraph import CUDAGraphStep
+
+        return CUDAGraphStep(compiled)
+    return compiled
+
+
+def describe(settings: StageRecipe, attention: str | None = None) -> str:
+    """A short label of what actually runs for a stage, for reports."""
+    parts = [settings.backend if settings.mode == "default" else f"compile/{settings.mode}"]
+    if settings.backend == "eager":
+        parts = ["eager"]
+    if settings.cudagraph:
+        parts.append("cudagraph")
+    if attention not in (None, "sdpa"):
+        parts.append(f"{attention} attention")
+    return " + ".join(parts)
+
+
+def compiles(fn: Callable) -> bool:
+    """Whether a stage callable is compiled (a captured step wraps a compiled one)."""
+    return isinstance(getattr(fn, "step", fn), CompiledStage)

@@ -1,0 +1,130 @@
+"""Results on disk: atomic writes, strict JSON, and the environment every result names.
+
+Nothing here imports torch at module level, so a command that only turns recorded JSON into
+markdown (`gsopt report`) starts without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from gsopt.errors import GsoptError
+
+if TYPE_CHECKING:
+    import torch
+
+# `gsopt bench` writes records of this schema; `gsopt report` reads nothing else.
+BENCH_SCHEMA = "gsopt-bench/2"
+
+Content = str | bytes | Callable[[IO[bytes]], None]
+
+
+def write_atomic(path: Path, content: Content) -> None:
+    """Never leave a half-written file: write beside it, then rename. `content` is text,
+    bytes, or a function that writes into the open binary file (`torch.save`, say). The file
+    gets the permissions any new file gets (the umask), not mkstemp's private 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_json(data: Any) -> str:
+    """Strict JSON: an undefined figure is null, never NaN."""
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, to_json(data))
+
+
+def read_json(path: Path, missing: str = "no such file", what: str | None = None) -> dict[str, Any]:
+    """A JSON object from a file, or a one-line error naming what is wrong with it
+    (`missing`: what to say when the file is not there; `what`: what the file should be)."""
+    path = Path(path)
+    if path.is_dir():
+        raise GsoptError(f"{path}: is a folder; expected a JSON file")
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise GsoptError(f"{path}: {missing}") from None
+    except UnicodeDecodeError:
+        raise GsoptError(f"{path}: not UTF-8 text; expected a JSON file") from None
+    except json.JSONDecodeError as e:
+        raise GsoptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise GsoptError(
+            f"{path}: not {what} (a JSON {kind})"
+            if what
+            else f"{path}: holds a JSON {kind}, expected an object"
+        )
+    return data
+
+
+def check_writable_folder(path: Path) -> None:
+    """Refuse an output folder before the run, not after it."""
+    if path.exists() and not path.is_dir():
+        raise GsoptError(f"--out {path}: exists and is not a folder; name a folder")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GsoptError(f"--out {path}: {parent} is not writable; choose another folder")
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        )
+        return done.stdout.strip()
+    except OSError:
+        return ""
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """What every recorded result names: device (with the CPU's vector ISA), versions,
+    commit ("-dirty" when the numbers came from code that no commit holds)."""
+    import fms
+    import torch
+    import transformers
+
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        isa = torch.backends.cpu.get_cpu_capability()
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {isa})"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ibm-fms": getattr(fms, "__version__", "unknown"),
+        "commit": commit or "unknown",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
