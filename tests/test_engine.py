@@ -5,6 +5,7 @@ step."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -16,9 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 import gsopt
-from gsopt.engine import fms_decode
+from gsopt.engine import attention, fms_decode
 from gsopt.engine.generate import decode_one_token, generate, prefill, setup_cache, verify
-from gsopt.engine.kv_cache import SDPA
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,9 @@ def last(ids: torch.Tensor) -> torch.Tensor:
 def audio(model):
     torch.manual_seed(0)
     return model.embed_audio(torch.randn(1, 40, 160))
+
+
+model_device = torch.device("cpu")
 
 
 def reference(model, prompts, audio, n):
@@ -263,8 +266,23 @@ def test_verify_compiles_once_for_a_fixed_k(model, audio):
     assert counter.frame_count == 1
 
 
-def test_attention_ops_are_registered_with_fms():
+def test_every_decode_attention_in_the_registry_gives_the_stock_tokens(model, audio):
+    """Each registered decode kernel that runs here (the Triton one under the interpreter)
+    is an FMS attention op the engine can call by name, and decodes the stock path's
+    tokens."""
     from fms.modules.attention import get_attention_type
 
-    assert get_attention_type(attn_name=SDPA)["compute_decode"] is not None
-    assert get_attention_type(attn_name="gsopt_static_triton")["compute_decode"] is not None
+    runs = {n: a for n, a in attention.REGISTRY["decode"].items() if a.runs_on(model_device)}
+    assert {"sdpa", "triton"} <= set(runs)
+    prompts = [prompt(), prompt(7)]
+    both = torch.cat([audio, audio])
+    expected = reference(model, prompts, both, 12)
+    for name, impl in runs.items():
+        op = impl.load()
+        assert get_attention_type(attn_name=op)["compute_decode"] is not None, name
+        step = functools.partial(decode_one_token, attn_name=op)
+        fill = functools.partial(prefill, attn_name=op)
+        tokens = generate(
+            model, prompts, both, 12, stop_at_eos=False, prefill_step=fill, decode_step=step
+        )
+        assert torch.equal(tokens, expected), name

@@ -15,6 +15,7 @@ import gsopt
 from gsopt.cli import main
 from gsopt.engine.pipeline import Pipeline, Stages, baseline_stages
 from gsopt.engine.timing import StageTimer
+from gsopt.measure.accuracy import logits_along
 from gsopt.recipe import apply, builtin_recipes, changes_model, load_recipe
 from gsopt.recipe.compile import CompiledStage
 
@@ -174,8 +175,9 @@ GPU_CASES = [
 @pytest.mark.parametrize("name,dtype", GPU_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_gpu_recipes_equal_eager_on_gpu(name, dtype):
     """CUDA graphs and the native Triton kernels on two input shapes (two batch sizes): fp32
-    gives eager's tokens exactly; bf16 runs other kernels than eager (rounding differs), so
-    it must agree on most tokens. No CUDA graph may be skipped."""
+    gives eager's tokens exactly; bf16 runs other kernels than eager (rounding differs), so a
+    row may leave eager's tokens only where eager itself nearly tied (its top two logits
+    within 5% of the largest). No CUDA graph may be skipped."""
     model = gsopt.load_model("tiny", device="cuda", dtype=dtype, seed=1)
     baseline = Pipeline(model, baseline_stages(model))
     recipe_model = copy.deepcopy(model)
@@ -187,7 +189,13 @@ def test_gpu_recipes_equal_eager_on_gpu(name, dtype):
         if dtype == torch.float32:
             assert torch.equal(tokens, expected)
         else:
-            assert (tokens == expected).float().mean() >= 0.5
+            logits = logits_along(model, inputs, TEMPLATE, expected)
+            for row in range(len(inputs)):
+                diverged = (tokens[row] != expected[row]).nonzero()
+                if len(diverged):
+                    at = logits[row, int(diverged[0])]
+                    top = at.topk(2).values
+                    assert top[0] - top[1] < 0.05 * at.abs().max(), (row, int(diverged[0]))
     step = getattr(stages.decode, "step", stages.decode)
     assert getattr(step, "cudagraph_skips", 0) == 0
     if name in ("cudagraph-decoder", "best"):

@@ -18,7 +18,7 @@ from gsopt.engine.pipeline import Pipeline, Stages
 
 
 @torch.no_grad()
-def _logits(model, waveforms, template, tokens: torch.Tensor) -> torch.Tensor:
+def logits_along(model, waveforms, template, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [B, n, vocab] (float32) predicting tokens[:, j] after the prompt and
     tokens[:, :j], in one teacher-forced forward."""
     pipeline = Pipeline(model, Stages.eager(model))
@@ -37,8 +37,8 @@ def _logits(model, waveforms, template, tokens: torch.Tensor) -> torch.Tensor:
 def teacher_forced(reference, model, waveforms, template, tokens: torch.Tensor) -> dict:
     """Per position: KL(p_reference || p_model) of the next-token distribution and the
     logits' relative RMS error; their medians and maxima over every position of every row."""
-    ref = _logits(reference, waveforms, template, tokens)
-    mine = _logits(model, waveforms, template, tokens).to(ref.device)
+    ref = logits_along(reference, waveforms, template, tokens)
+    mine = logits_along(model, waveforms, template, tokens).to(ref.device)
     log_ref, log_mine = ref.double().log_softmax(-1), mine.double().log_softmax(-1)
     kl = (log_ref.exp() * (log_ref - log_mine)).sum(-1).clamp(min=0).flatten().tolist()
     rms = ((mine - ref).norm(dim=-1) / ref.norm(dim=-1)).flatten().tolist()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import sys
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def load_tensor_parallel(
     check_shardable(config, world)
     variant = is_variant(source)
     folder = None if variant else checkpoint_folder(source)
-    # FMS announces "using tensor parallel" on stdout, where transcripts go: send it to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    # FMS announces "using tensor parallel" on stdout of every rank, where transcripts go:
+    # once, on stderr.
+    with contextlib.redirect_stdout(sys.stderr if rank == 0 else io.StringIO()):
         model = models.get_model(
             ARCHITECTURE,
             str(source) if variant else _variant_for(config),
