@@ -92,3 +92,42 @@ def test_transcribe_tp2_prints_what_one_process_prints(checkpoint, tmp_path):
     )
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert one.stdout.strip() and two.stdout == one.stdout
+
+
+def test_tp2_manifest_run_of_a_variant_equals_one_process(tmp_path):
+    """`--tp` with `--manifest`: one replica of two shards writes what one process writes.
+    A variant's random weights under --tp are one process's weights, drawn whole and then
+    sharded, so the text is the same too."""
+    import numpy as np
+    import soundfile
+
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(4):
+        soundfile.write(tmp_path / f"c{i}.wav", 0.1 * rng.standard_normal(8000 + 5000 * i), 16000)
+        lines.append(json.dumps({"audio": f"c{i}.wav", "id": f"c{i}"}) + "\n")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(lines))
+    argv = ["-m", "gsopt", "transcribe", "--manifest", str(manifest), "--model", "tiny"]
+    argv += ["--max-new-tokens", "8", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, *argv, "--out", str(tmp_path / "one.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    two = subprocess.run(
+        [*launcher, *argv, "--out", str(tmp_path / "two.jsonl"), "--tp", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stderr.count("using tensor parallel") == 1
+    outputs = [tmp_path / "one.jsonl", tmp_path / "two.jsonl"]
+    tokens = [[(r["id"], r["tokens"]) for r in map(json.loads, path.open())] for path in outputs]
+    assert len(tokens[0]) == 4 and all(t for _, t in tokens[0])
+    assert tokens[0] == tokens[1]
