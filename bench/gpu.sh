@@ -46,7 +46,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, report its seco
 e2e() {  # e2e MODEL LIMIT_S: batch-1 latency, gsopt's recipes beside transformers eager
   local model=$1 name="$card-$1-bf16-10s-b1-n64"
   part "e2e $model" "$2" python3 -m gsopt bench --model "$model" --dtype bfloat16 \
-    --audio-seconds 10 --batch 1 --max-new-tokens 64 --repeats "${REPEATS:-3}" \
+    --audio-seconds 10 --batch-size 1 --max-new-tokens 64 --repeats "${REPEATS:-3}" \
     --recipes eager,compile-decoder,cudagraph-decoder --peers transformers-eager \
     --out "bench/results/$name.json"
   python3 -m gsopt report "bench/results/$name.json" --out "bench/results/$name" &&
@@ -68,7 +68,7 @@ for stage in "$@"; do
     quant)
       name="$card-3.3-8b-bf16-10s-b1-n64-quant"
       part quant 480 python3 -m gsopt bench --model 3.3-8b --dtype bfloat16 --audio-seconds 10 \
-        --batch 1 --max-new-tokens 64 --repeats "${REPEATS:-3}" --peers none \
+        --batch-size 1 --max-new-tokens 64 --repeats "${REPEATS:-3}" --peers none \
         --recipes cudagraph-decoder,int8-decoder,int4-decoder,fp8-decoder \
         --out "bench/results/$name.json"
       python3 -m gsopt report "bench/results/$name.json" --out "bench/results/$name" &&

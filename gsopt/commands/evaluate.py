@@ -255,23 +255,11 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
         help="folder for eval.json, eval.md and transcripts/",
     )
     options.add_device(parser)
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=DEFAULT_MAX_NEW_TOKENS,
-        metavar="N",
-        help="most tokens generated per file",
-    )
+    options.add_max_new_tokens(parser, DEFAULT_MAX_NEW_TOKENS)
     options.add_batch_size(
         parser, "most files per batch", default=corpus.DEFAULT_BATCH_SIZE, type=int
     )
-    parser.add_argument(
-        "--batch-seconds",
-        type=float,
-        default=corpus.DEFAULT_BATCH_SECONDS,
-        metavar="S",
-        help="most padded audio seconds per batch",
-    )
+    options.add_batch_seconds(parser, corpus.DEFAULT_BATCH_SECONDS)
     options.add_draft_model(parser)
     parallel.add_argument(parser)
     options.add_json(parser)

@@ -96,3 +96,23 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
 def at_least(flag: str, value: int | float, minimum: int | float) -> None:
     if value < minimum:
         raise GsoptError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def add_max_new_tokens(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=default,
+        metavar="N",
+        help="most tokens generated per file",
+    )
+
+
+def add_batch_seconds(parser, default: float | None, where: str = "") -> None:
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=default,
+        metavar="S",
+        help=f"most padded audio seconds per batch (clips x the longest){where}",
+    )

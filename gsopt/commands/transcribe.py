@@ -67,21 +67,11 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
         metavar="FILE.jsonl",
         help="file for a --manifest run's results, one line per input; a rerun skips the ids in it",
     )
-    group.add_argument(
-        "--batch-seconds",
-        type=float,
-        metavar="S",
-        help="most padded audio seconds per batch (clips x the longest) in a --manifest run "
-        f"(default {corpus.DEFAULT_BATCH_SECONDS:g})",
+    options.add_batch_seconds(
+        group, None, f" in a --manifest run (default {corpus.DEFAULT_BATCH_SECONDS:g})"
     )
     options.add_device(parser)
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=DEFAULT_MAX_NEW_TOKENS,
-        metavar="N",
-        help="most tokens generated per file",
-    )
+    options.add_max_new_tokens(parser, DEFAULT_MAX_NEW_TOKENS)
     options.add_json(parser)
     parser.add_argument(
         "--prompt",
