@@ -13,12 +13,14 @@ from family_helpers import save_out_llm
 from helpers import AUDIO_TOKEN_ID, hf_config, reference_model, save_checkpoint
 
 import gsopt
+from gsopt.audio.files import sample_audio
 from gsopt.cli import main
 from gsopt.engine import drafts as ctc_drafts
 from gsopt.engine.generate import generate, truncate_at_eos
+from gsopt.engine.pipeline import Pipeline
 from gsopt.engine.speculate import SpeculationStats, Steps, relaxed_decision, speculative_generate
 from gsopt.model.encoder import encoder_frame_mask
-from gsopt.model.tokenizer import synthetic_tokenizer
+from gsopt.model.tokenizer import prompt_template, synthetic_tokenizer
 from gsopt.recipe import load_recipe
 
 N = 24
@@ -50,8 +52,8 @@ def audio(model, rows: int) -> torch.Tensor:
 def drafts_of(kind: str, greedy: list[int], seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
 
-    def random_token() -> int:
-        return int(torch.randint(1, 319, (), generator=generator))
+    def random_token() -> int:  # the whole vocabulary, the audio token id included
+        return int(torch.randint(320, (), generator=generator))
 
     at = 3 + seed % 5
     return {
@@ -84,6 +86,41 @@ def test_exact_mode_equals_plain_greedy(model, kind, rows):
         assert stats.forwards <= 2 and stats.accepted == stats.drafted == (N - 1) * rows
     if kind in ("random", "empty"):
         assert stats.accepted <= 2 * rows  # a random token may match now and then
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The `tiny` variant on the sample clip cut to three lengths: its greedy output holds
+    the audio token id within nine tokens, so a perfect draft holds it too."""
+    model = gsopt.load_model("tiny")
+    pipeline = Pipeline(model)
+    waves = [sample_audio()[:n] for n in (16000, 40000, 6400)]
+    audio_embeds = pipeline.embed_audio(waves, pipeline.stages)[0]
+    return model, audio_embeds, pipeline.prompts(waves, prompt_template(model.config))
+
+
+@pytest.mark.parametrize("accuracy", [1.0, 0.7])
+def test_drafts_holding_the_audio_id_equal_plain_greedy_batched_and_alone(tiny, accuracy):
+    """A draft token equal to the audio id is text (as verify and decode embed it), never an
+    audio slot of the prefill."""
+    model, audio_embeds, batch = tiny
+    expected = generate(model, batch, audio_embeds, N, stop_at_eos=False)
+    assert all(AUDIO_TOKEN_ID in row[:9] for row in expected.tolist())
+    vocab = model.config.decoder.src_vocab_size
+    # The first ten tokens kept (the audio id among them is accepted), the rest corrupted over
+    # the whole vocabulary, and one more audio id where greedy has none.
+    noisy = ctc_drafts.oracle(expected.tolist(), accuracy, vocab, seed=2)
+    drafts = [
+        e[:10] + d[10:12] + [AUDIO_TOKEN_ID] + d[12:]
+        for e, d in zip(expected.tolist(), noisy, strict=True)
+    ]
+    tokens = speculative_generate(model, batch, audio_embeds, N, drafts=drafts, k=4)
+    assert truncate_at_eos(tokens, 0) == truncate_at_eos(expected, 0)
+    for row in range(len(batch)):
+        alone = speculative_generate(
+            model, batch[row : row + 1], audio_embeds[row : row + 1], N, drafts=[drafts[row]], k=4
+        )
+        assert truncate_at_eos(alone, 0) == truncate_at_eos(expected[row : row + 1], 0)
 
 
 def test_a_draft_with_end_of_text_stops_where_greedy_stops(model, checkpoint):

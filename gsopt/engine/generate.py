@@ -61,15 +61,17 @@ def prefill(
     read_at: torch.Tensor,
     audio_embeds: torch.Tensor | None,
     cache: list,
+    text_from: torch.Tensor | None = None,
     attn_name: str = SDPA,
 ) -> torch.Tensor:
     """Run the prompt [B, L], fill the static cache; returns the next-token logits after
     each position in read_at [B, n] ([B, 1] at each row's last prompt token for plain
-    decoding; the prompt's end and every draft token for speculation)."""
+    decoding; the prompt's end and every draft token for speculation). `text_from` [B]:
+    where each row's prompt ends, when a draft follows it (`GraniteSpeech.embed`)."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     hidden = _forward(
         model,
-        model.embed(input_ids, audio_embeds),
+        model.embed(input_ids, audio_embeds, text_from),
         positions,
         cache,
         attn_name,

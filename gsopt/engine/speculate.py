@@ -224,7 +224,12 @@ def speculative_generate(
     cache = engine.setup_cache(model, batch, ids.shape[1] + max_new_tokens + k, max_seq_len)
     with stage(timer, "prefill"):
         logits = steps.prefill(
-            model, ids.to(device), read_at.to(device), audio_embeds, cache.layers
+            model,
+            ids.to(device),
+            read_at.to(device),
+            audio_embeds,
+            cache.layers,
+            prompt_lengths.to(device),
         )
         greedy = logits.argmax(-1).tolist()
     stats.count_forward(batch)

@@ -30,7 +30,10 @@ def logits_along(model, waveforms, template, tokens: torch.Tensor) -> torch.Tens
     read_at = starts[:, None] + torch.arange(tokens.shape[1])
     device = pipeline.device
     cache = generate.setup_cache(model, len(rows), ids.shape[1] + 1)
-    logits = generate.prefill(model, ids.to(device), read_at.to(device), audio, cache.layers)
+    text_from = torch.tensor([len(p) for p in prompts], device=device)
+    logits = generate.prefill(
+        model, ids.to(device), read_at.to(device), audio, cache.layers, text_from
+    )
     return logits.float()
 
 

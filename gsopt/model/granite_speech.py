@@ -27,17 +27,13 @@ ARCHITECTURE = "granite_speech"
 
 
 def scatter_audio(
-    input_ids: torch.Tensor,
-    text_embeds: torch.Tensor,
-    audio_embeds: torch.Tensor,
-    audio_token_id: int,
+    is_audio: torch.Tensor, text_embeds: torch.Tensor, audio_embeds: torch.Tensor
 ) -> torch.Tensor:
-    """Put row b's audio embeddings, in order, at row b's audio-token positions.
+    """Put row b's audio embeddings, in order, at row b's audio slots (`is_audio` [B, L]).
 
     A gather by per-row running count instead of `masked_scatter`: no host sync, no
     data-dependent shape, so it compiles with fullgraph=True.
     """
-    is_audio = input_ids == audio_token_id
     index = (torch.cumsum(is_audio, dim=1) - 1).clamp(0, audio_embeds.shape[1] - 1)
     gathered = audio_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, audio_embeds.shape[-1]))
     return torch.where(is_audio.unsqueeze(-1), gathered.to(text_embeds.dtype), text_embeds)
@@ -104,12 +100,24 @@ class GraniteSpeech(nn.Module):
         if self.lora_mode == "live":
             set_lora_enabled(self, enabled)
 
-    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None) -> torch.Tensor:
-        text_ids = torch.where(input_ids == self.config.audio_token_id, 0, input_ids)
-        text_embeds = self.decoder.base_model.embedding(text_ids)
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        audio_embeds: torch.Tensor | None,
+        text_from: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text embeddings (the audio id reads as token 0, as in transformers), with the audio
+        rows at the audio slots. `text_from` [B]: where each row's prompt ends; a token past
+        it (a speculative draft's) is text even when it equals the audio id, as verify and
+        decode steps embed it, never an audio slot."""
+        is_audio = input_ids == self.config.audio_token_id
+        text_embeds = self.decoder.base_model.embedding(torch.where(is_audio, 0, input_ids))
         if audio_embeds is None:
             return text_embeds
-        return scatter_audio(input_ids, text_embeds, audio_embeds, self.config.audio_token_id)
+        if text_from is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            is_audio = is_audio & (positions < text_from[:, None])
+        return scatter_audio(is_audio, text_embeds, audio_embeds)
 
     def forward(
         self,
