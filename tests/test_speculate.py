@@ -17,6 +17,7 @@ from gsopt.audio.files import sample_audio
 from gsopt.cli import main
 from gsopt.engine import drafts as ctc_drafts
 from gsopt.engine.generate import generate, truncate_at_eos
+from gsopt.engine.generate import prefill as engine_prefill
 from gsopt.engine.pipeline import Pipeline
 from gsopt.engine.speculate import SpeculationStats, Steps, relaxed_decision, speculative_generate
 from gsopt.model.encoder import encoder_frame_mask
@@ -266,12 +267,22 @@ def test_relaxed_decisions_hand_worked():
     assert relaxed_decision(logits[:0], [], 0.0, 0.5, 0.01) == "fallback"
 
 
+def spying(calls: list) -> Steps:
+    """Steps whose prefill records the batch each call computes."""
+
+    def prefill(model, ids, *args):
+        calls.append(ids.shape[0])
+        return engine_prefill(model, ids, *args)
+
+    return Steps(prefill=prefill)
+
+
 def test_relaxed_mode_takes_verifies_and_falls_back_per_row(model):
-    audio_embeds, batch = audio(model, 3), prompts(3)
+    audio_embeds, batch = audio(model, 4), prompts(4)
     expected = generate(model, batch, audio_embeds, N)
     eos = model.config.eos_token_id
-    drafts = [[11, 12, 13], [21, 22], []]
-    stats = SpeculationStats()
+    drafts = [[11, 12, 13], [21, 22], [], [31, 32, 33, 34]]
+    stats, prefills = SpeculationStats(), []
     tokens = speculative_generate(
         model,
         batch,
@@ -279,13 +290,71 @@ def test_relaxed_mode_takes_verifies_and_falls_back_per_row(model):
         N,
         drafts=drafts,
         mode="relaxed",
-        confidences=[0.2, 0.9, float("inf")],
+        confidences=[0.2, 0.9, float("inf"), 0.5],
         confidence_threshold=1e-9,
         stats=stats,
+        steps=spying(prefills),
     )
-    assert (stats.relaxed_accepted, stats.relaxed_verified, stats.relaxed_fallback) == (1, 1, 1)
+    assert (stats.relaxed_accepted, stats.relaxed_verified, stats.relaxed_fallback) == (2, 1, 1)
+    assert prefills == [2]  # the confident rows 0 and 3 left before the decoder ran
     assert truncate_at_eos(tokens[:2], eos) == [[11, 12, 13, eos], [21, 22, eos]]
+    assert truncate_at_eos(tokens[3:], eos) == [[31, 32, 33, 34, eos]]
     assert torch.equal(tokens[2], expected[2])  # the fallback row is exact greedy
+    decisions = [(r.decision, r.drafted, r.accepted, r.forwards) for r in stats.rows]
+    fallback_forwards = decisions[2][3]
+    assert decisions == [
+        ("accepted", 3, 3, 0),
+        ("verified", 2, 2, 1),
+        ("fallback", 0, 0, fallback_forwards),
+        ("accepted", 4, 4, 0),
+    ]
+    assert fallback_forwards == len(truncate_at_eos(expected[2:3], eos)[0])  # 1 per token
+    assert stats.to_json()["rows"][1] == dict(
+        decision="verified", drafted=2, accepted=2, forwards=1
+    )
+
+
+def test_a_batch_of_confident_rows_runs_no_decoder_forward(model):
+    audio_embeds, batch = audio(model, 3), prompts(3)
+    eos = model.config.eos_token_id
+    drafts = [[11, 12], [21], [31, 32, 33]]
+    stats, prefills = SpeculationStats(), []
+    tokens = speculative_generate(
+        model,
+        batch,
+        audio_embeds,
+        N,
+        drafts=drafts,
+        mode="relaxed",
+        confidences=[0.0, 0.3, 0.5],
+        ctc_threshold=0.5,
+        stats=stats,
+        steps=spying(prefills),
+    )
+    assert prefills == [] and stats.forwards == stats.row_forwards == 0
+    assert truncate_at_eos(tokens, eos) == [[*d, eos] for d in drafts]
+    assert [r.decision for r in stats.rows] == ["accepted"] * 3
+
+
+def test_the_rows_left_after_confident_ones_equal_those_rows_alone(model):
+    """The compacted batch (audio rows and prompts picked by index) decodes each remaining
+    row as it decodes alone."""
+    audio_embeds, batch = audio(model, 4), prompts(4)
+    expected = generate(model, batch, audio_embeds, N, stop_at_eos=False)
+    drafts = [row[:5] + [7] + row[6:] for row in expected.tolist()]
+    confidences = [0.1, 2.0, 0.1, 2.0]  # rows 1 and 3 go to the decoder
+    tokens = speculative_generate(
+        model,
+        batch,
+        audio_embeds,
+        N,
+        drafts=drafts,
+        mode="relaxed",
+        confidences=confidences,
+        confidence_threshold=1.0,  # no draft passes: the exact path
+        stop_at_eos=False,
+    )
+    assert torch.equal(tokens[1::2], expected[1::2])
 
 
 def test_speculation_table_is_checked_when_parsed(tmp_path):

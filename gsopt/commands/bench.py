@@ -413,8 +413,9 @@ def _point_rows(
             )
         pipeline = pipelines.get(name)
         if pipeline is not None and pipeline.stages.plan.speculation is not None:
+            # Counts per call; `rows` (each row's decision in the last call) as it is.
             row["speculation"] = {
-                key: value / len(calls[name]) if key not in ("tokens_per_forward",) else value
+                key: value / len(calls[name]) if key not in ("tokens_per_forward", "rows") else value
                 for key, value in pipeline.speculation_stats.to_json().items()
             }
         if args.profile is not None and name not in PEERS:

@@ -21,8 +21,9 @@ Every row keeps its own accepted length and position.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -59,17 +60,32 @@ MAX_NGRAM = 3
 
 
 @dataclass
+class RowDecision:
+    """What speculation did for one row of a call: `decision` is `exact` (exact mode), or the
+    relaxed mode's `accepted` (the CTC draft as it is, no decoder work), `verified` (the draft
+    after one verifying forward) or `fallback` (decoded instead); `drafted` the row's draft
+    tokens; `accepted` those in its answer (all of a taken draft, else the ones the decoder
+    agreed with); `forwards` the decoder forwards the row needed."""
+
+    decision: str
+    drafted: int = 0
+    accepted: int = 0
+    forwards: int = 0
+
+
+@dataclass
 class SpeculationStats:
-    """What speculation did, summed over the calls it served."""
+    """What speculation did, summed over the calls it served, and each row of the last."""
 
     drafted: int = 0  # tokens proposed to the decoder
     accepted: int = 0  # of those, tokens the decoder agreed with
-    forwards: int = 0  # decoder forwards (the prompt's included), each over the whole batch
-    row_forwards: int = 0  # forwards times the rows each served
+    forwards: int = 0  # decoder forwards (the prompt's included), each over the batch it ran
+    row_forwards: int = 0  # forwards times the rows each computed
     tokens: int = 0  # tokens generated (up to and including each row's end-of-text)
     relaxed_accepted: int = 0  # rows taken from the CTC draft without the decoder
     relaxed_verified: int = 0  # rows whose draft passed the verifying forward
     relaxed_fallback: int = 0  # rows decoded on the exact path instead
+    rows: list[RowDecision] = field(default_factory=list)  # the last call's, in batch order
 
     def count_forward(self, rows: int) -> None:
         self.forwards += 1
@@ -213,6 +229,75 @@ def speculative_generate(
     eos, device = model.config.eos_token_id, model.decoder.head.weight.device
     batch = len(prompts)
     drafts = [list(d[: max_new_tokens - 1]) for d in drafts] if drafts else [[]] * batch
+    confidences = confidences or [math.inf] * batch
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    records = [RowDecision("exact", len(d)) for d in drafts]
+    # Rows whose CTC draft is confident leave the batch before any decoder work (a draft model
+    # drafts nothing up front, so with one no row is confident).
+    rest = []
+    for row, draft in enumerate(drafts):
+        if mode == "relaxed" and ctc_confident(draft, confidences[row], ctc_threshold):
+            outputs[row] = [*draft, eos]
+            records[row] = RowDecision("accepted", len(draft), len(draft))
+            stats.relaxed_accepted += 1
+        else:
+            rest.append(row)
+    if rest:
+        if len(rest) < batch:
+            index = torch.tensor(rest, device=device)
+            prompts = [prompts[r] for r in rest]
+            audio_embeds = audio_embeds.index_select(0, index) if audio_embeds is not None else None
+        decoded, decided = _speculate(
+            model,
+            prompts,
+            audio_embeds,
+            max_new_tokens,
+            [drafts[r] for r in rest],
+            [confidences[r] for r in rest],
+            draft_model,
+            k,
+            mode,
+            ctc_threshold,
+            confidence_threshold,
+            steps,
+            stop_at_eos,
+            prefill_bucket,
+            max_seq_len,
+            stats,
+            timer,
+        )
+        for row, out, record in zip(rest, decoded, decided, strict=True):
+            outputs[row], records[row] = out, record
+    stats.rows = records
+    rows = [(out + [eos] * max_new_tokens)[:max_new_tokens] for out in outputs]
+    stats.tokens += sum(len(engine.truncate_at_eos(torch.tensor([r]), eos)[0]) for r in rows)
+    return torch.tensor(rows, device=device)
+
+
+def _speculate(
+    model,
+    prompts,
+    audio_embeds,
+    max_new_tokens,
+    drafts,
+    confidences,
+    draft_model,
+    k,
+    mode,
+    ctc_threshold,
+    confidence_threshold,
+    steps,
+    stop_at_eos,
+    prefill_bucket,
+    max_seq_len,
+    stats,
+    timer,
+) -> tuple[list[list[int]], list[RowDecision]]:
+    """The rows that need the decoder: the prompt and the draft in one forward, each row's
+    decision, then the exact rows decoded. Each row's tokens (its end-of-text included when
+    it ended) and what was done for it."""
+    eos, device = model.config.eos_token_id, model.decoder.head.weight.device
+    batch = len(prompts)
     pad_id = max(model.config.decoder.pad_id, 0)
     joined = [
         torch.cat([p, torch.tensor(d, dtype=p.dtype)]) for p, d in zip(prompts, drafts, strict=True)
@@ -233,24 +318,27 @@ def speculative_generate(
         )
         greedy = logits.argmax(-1).tolist()
     stats.count_forward(batch)
-    outputs, exact_rows = [], []
+    outputs, records, exact_rows = [], [], []
     for row, draft in enumerate(drafts):
         accepted = accepted_prefix(greedy[row], draft)
         stats.drafted += len(draft)
         stats.accepted += accepted
         outputs.append(greedy[row][: accepted + 1])
+        records.append(RowDecision("exact", len(draft), accepted, forwards=1))
         if mode == "relaxed":
             decision = relaxed_decision(
                 logits[row, : len(draft)],
                 draft,
                 confidences[row],
-                ctc_threshold,
+                ctc_threshold,  # never `accepted` here: the confident rows have left
                 confidence_threshold,
             )
+            records[row].decision = decision
             name = f"relaxed_{decision}"
             setattr(stats, name, getattr(stats, name) + 1)
             if decision != "fallback":
                 outputs[row] = [*draft, eos]
+                records[row].accepted = len(draft)
                 continue
         exact_rows.append(row)
     # Each row goes on from its last token, at the position after its accepted run.
@@ -273,11 +361,16 @@ def speculative_generate(
             steps,
             stop_at_eos,
             stats,
+            records,
             timer,
         )
-    rows = [(out + [eos] * max_new_tokens)[:max_new_tokens] for out in outputs]
-    stats.tokens += sum(len(engine.truncate_at_eos(torch.tensor([r]), eos)[0]) for r in rows)
-    return torch.tensor(rows, device=device)
+    return outputs, records
+
+
+def ctc_confident(draft: list[int], confidence: float, ctc_threshold: float) -> bool:
+    """IBM's first test: a non-empty CTC draft whose largest frame entropy is at most
+    `ctc_threshold` is the answer as it is."""
+    return bool(draft) and confidence <= ctc_threshold
 
 
 def relaxed_decision(
@@ -292,7 +385,7 @@ def relaxed_decision(
     `fallback`."""
     if not draft:
         return "fallback"
-    if confidence <= ctc_threshold:
+    if ctc_confident(draft, confidence, ctc_threshold):
         return "accepted"
     probs = logits.float().softmax(-1)[torch.arange(len(draft)), torch.tensor(draft)]
     return "verified" if bool((probs >= confidence_threshold).all()) else "fallback"
@@ -310,6 +403,7 @@ def _decode_rows(
     steps,
     stop_at_eos,
     stats,
+    records,
     timer,
 ) -> None:
     """Decode `rows` to max_new_tokens (or end-of-text): verify proposals where there are
@@ -350,3 +444,5 @@ def _decode_rows(
             outputs[r] += greedy[r][: accepted + 1]
             positions[r] += accepted + 1
             proposer.accepted(r, proposal, accepted)
+            records[r].accepted += accepted
+            records[r].forwards += 1
