@@ -414,8 +414,9 @@ def _point_rows(
         pipeline = pipelines.get(name)
         if pipeline is not None and pipeline.stages.plan.speculation is not None:
             # Counts per call; `rows` (each row's decision in the last call) as it is.
+            as_is = ("tokens_per_forward", "rows")
             row["speculation"] = {
-                key: value / len(calls[name]) if key not in ("tokens_per_forward", "rows") else value
+                key: value if key in as_is else value / len(calls[name])
                 for key, value in pipeline.speculation_stats.to_json().items()
             }
         if args.profile is not None and name not in PEERS:
