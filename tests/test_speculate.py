@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from family_helpers import save_out_llm
 from helpers import AUDIO_TOKEN_ID, hf_config, reference_model, save_checkpoint
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import gsopt
 from gsopt.audio.files import sample_audio
@@ -236,7 +237,8 @@ def test_bpe_draft_equals_the_reference_computation(checkpoint):
     mask = encoder_frame_mask(torch.tensor(lengths), 37)
     hidden, posteriors = model.encode(features, mask)
     labels, confidence = ctc_drafts.bpe_labels(model.encoder, hidden, posteriors, mask)
-    drafts = ctc_drafts.bpe_tokens(labels, torch.tensor(lengths))
+    tokenizer = synthetic_tokenizer(model.config)
+    drafts = ctc_drafts.bpe_tokens(labels, torch.tensor(lengths), tokenizer)
     for row, clip in enumerate(clips):
         encoder, ref_hidden, mid = reference_encoder_outputs(ref, clip[None])
         importance = 1.0 - encoder.out(mid).softmax(-1)[..., 0]
@@ -246,11 +248,45 @@ def test_bpe_draft_equals_the_reference_computation(checkpoint):
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-8)
         pooled = (pooled_hidden * weights[..., None]).sum(2)
         probs = head(pooled).softmax(-1)[0]
-        expected = [label - 1 for label in collapse_reference(probs.argmax(-1))]
+        pieces = [label - 1 for label in collapse_reference(probs.argmax(-1))]
+        text = tokenizer.decode(pieces).strip()  # IBM's round trip: text, stripped, encoded
         entropy = -(probs * torch.log(probs + 1e-10)).sum(-1)
-        assert expected, "an empty reference draft would prove little"
-        assert drafts[row] == expected
+        assert text, "an empty reference draft would prove little"
+        assert drafts[row] == tokenizer.encode(text, add_special_tokens=False)
         assert confidence[row].item() == pytest.approx(entropy.max().item(), rel=1e-5)
+
+
+def test_bpe_draft_takes_the_text_round_trip(model):
+    """A first piece with a leading space (" ab", one filler word of the synthetic tokenizer)
+    is stripped and encoded again: the draft holds the tokenizer's ids for "ab", not the
+    label's. A repeated piece stays twice once a blank separates it; digits come back as
+    the tokenizer writes them."""
+    tokenizer = synthetic_tokenizer(model.config)
+    space = bytes_to_unicode()[ord(" ")]
+    ab, ba = tokenizer.convert_tokens_to_ids([space + "ab", space + "ba"])
+    seven = tokenizer.encode("7", add_special_tokens=False)[0]
+    labels = torch.tensor([[0, ab + 1, ab + 1, 0, ab + 1, ba + 1, seven + 1, 0]])
+    (draft,) = ctc_drafts.bpe_tokens(labels, torch.tensor([4 * 8]), tokenizer)
+    assert draft == tokenizer.encode("ab ab ba7", add_special_tokens=False)
+    assert draft[0] != ab and draft != [ab, ab, ba, seven]
+
+
+def test_thresholds_are_ibms_per_draft_head(tmp_path):
+    assert load_recipe("speculative-ctc-relaxed").speculate.kind.name == "ctc"
+    for name, draft, pair in [
+        ("speculative-ctc-relaxed", "ctc", (0.7, 0.2)),
+        ("speculative-ctc-bpe-relaxed", "ctc-bpe", (0.0, 0.4)),
+    ]:
+        spec = load_recipe(name).speculate
+        assert (spec.draft, spec.mode) == (draft, "relaxed")
+        assert (spec.ctc_threshold, spec.confidence_threshold) == pair
+        path = tmp_path / f"{draft}.toml"  # unset: the head's published pair
+        path.write_text(f'kv_cache = "static"\n[speculate]\ndraft = "{draft}"\nmode = "relaxed"\n')
+        spec = load_recipe(path).speculate
+        assert (spec.ctc_threshold, spec.confidence_threshold) == pair
+    path.write_text('kv_cache = "static"\n[speculate]\ndraft = "model"\nmode = "relaxed"\n')
+    with pytest.raises(gsopt.GsoptError, match='mode = "relaxed" judges a CTC draft'):
+        load_recipe(path)
 
 
 def test_relaxed_decisions_hand_worked():

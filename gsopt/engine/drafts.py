@@ -8,7 +8,8 @@
 - BPE CTC (granite-speech-4.1, `encoder.out_llm`): the final hidden state pooled over
   windows of 4 frames, each frame weighted by its importance (1 - blank probability of the
   middle block's CTC posteriors) over its window's sum, through `out_llm`; label i > 0 is
-  text token i - 1.
+  text token i - 1. As IBM's script does, the tokens are decoded to text, stripped and
+  encoded again, so a first piece with a leading space gets the tokenizer's own ids.
 - Oracle (benchmarks with random weights, whose CTC drafts are noise): the clip's own
   greedy output with a known fraction of its tokens replaced by random ones.
 The `ctc` stage (`grapheme_labels`, `bpe_labels`) runs batched on the device; collapsing
@@ -98,13 +99,15 @@ def grapheme_tokens(labels: torch.Tensor, frames: torch.Tensor, tokenizer) -> li
     return drafts
 
 
-def bpe_tokens(labels: torch.Tensor, frames: torch.Tensor) -> list[list[int]]:
-    """Each row's BPE labels as text tokens (label i is token i - 1)."""
+def bpe_tokens(labels: torch.Tensor, frames: torch.Tensor, tokenizer) -> list[list[int]]:
+    """Each row's BPE labels (label i is token i - 1) through IBM's text round trip: decoded,
+    stripped, encoded again."""
     windows = (frames + BPE_WINDOW - 1) // BPE_WINDOW
-    return [
-        [c - 1 for c in collapse(row[:n])]
-        for row, n in zip(labels.tolist(), windows.tolist(), strict=True)
-    ]
+    drafts = []
+    for row, n in zip(labels.tolist(), windows.tolist(), strict=True):
+        text = tokenizer.decode([c - 1 for c in collapse(row[:n])]).strip()
+        drafts.append(tokenizer.encode(text, add_special_tokens=False) if text else [])
+    return drafts
 
 
 def oracle(tokens: list[list[int]], accuracy: float, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -136,25 +139,27 @@ class DraftKind:
     `ctc` stage: encoder, hidden, middle posteriors, frame mask -> labels, confidence) and a
     host-side `tokens` reading (labels, frames, tokenizer -> each row's draft tokens);
     without them the proposals come from a draft model. `unsupported` says why a model
-    cannot give this draft (None: it can)."""
+    cannot give this draft (None: it can). `thresholds`: the relaxed mode's
+    (ctc_threshold, confidence_threshold) as IBM published them for this head, the defaults
+    of a recipe that names none (None: no CTC draft, no relaxed mode)."""
 
     name: str
     labels: Callable | None = None
     tokens: Callable | None = None
     unsupported: Callable[[object], str | None] = lambda model: None
+    thresholds: tuple[float, float] | None = None
 
     @property
     def from_encoder(self) -> bool:
         return self.labels is not None
 
 
+# Thresholds: IBM's leaderboard runs (open_asr_leaderboard granite/run_speculative.sh),
+# 4.0-1b with the grapheme head and 4.1-2b with the BPE head.
 DRAFT_KINDS: dict[str, DraftKind] = {
-    "ctc": DraftKind("ctc", grapheme_labels, grapheme_tokens),
+    "ctc": DraftKind("ctc", grapheme_labels, grapheme_tokens, thresholds=(0.7, 0.2)),
     "ctc-bpe": DraftKind(
-        "ctc-bpe",
-        bpe_labels,
-        lambda labels, frames, tokenizer: bpe_tokens(labels, frames),
-        unsupported=_needs_bpe_head,
+        "ctc-bpe", bpe_labels, bpe_tokens, unsupported=_needs_bpe_head, thresholds=(0.0, 0.4)
     ),
     "model": DraftKind("model"),
 }

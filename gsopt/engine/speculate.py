@@ -41,14 +41,25 @@ class Speculation:
     head; `model`: a draft model, from `draft_model` or a command's --draft-model); `k`:
     tokens per verification step; `mode`: `exact` (lossless) or `relaxed` (IBM's criterion,
     lossy), which takes a draft whose CTC confidence is at most `ctc_threshold`, or one whose
-    every token has probability at least `confidence_threshold`."""
+    every token has probability at least `confidence_threshold`. Unset thresholds are the
+    ones IBM published for the draft's head (`DraftKind.thresholds`)."""
 
     draft: str = "ctc"
     k: int = 8
     mode: str = "exact"
-    ctc_threshold: float = 0.5
-    confidence_threshold: float = 0.01
+    ctc_threshold: float | None = None
+    confidence_threshold: float | None = None
     draft_model: str = ""
+
+    def __post_init__(self):
+        kind = DRAFT_KINDS.get(self.draft)
+        if kind is None or kind.thresholds is None:
+            return
+        ctc, confidence = kind.thresholds
+        if self.ctc_threshold is None:
+            object.__setattr__(self, "ctc_threshold", ctc)
+        if self.confidence_threshold is None:
+            object.__setattr__(self, "confidence_threshold", confidence)
 
     @property
     def kind(self) -> DraftKind:

@@ -198,6 +198,11 @@ def _speculation(where: str, table: Any) -> Speculation:
         raise GsoptError(
             f'{where} [speculate]: draft_model is for draft = "model", not {settings.draft!r}'
         )
+    if settings.mode == "relaxed" and settings.kind.thresholds is None:
+        raise GsoptError(
+            f'{where} [speculate]: mode = "relaxed" judges a CTC draft; draft = '
+            f'{settings.draft!r} makes none (use draft = "ctc" or "ctc-bpe", or mode = "exact")'
+        )
     return settings
 
 
