@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -82,13 +83,46 @@ def read_json(path: Path, missing: str = "no such file", what: str | None = None
     return data
 
 
-def check_writable_folder(path: Path) -> None:
-    """Refuse an output folder before the run, not after it."""
-    if path.exists() and not path.is_dir():
-        raise GsoptError(f"--out {path}: exists and is not a folder; name a folder")
-    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise GsoptError(f"--out {path}: {parent} is not writable; choose another folder")
+# Where no result belongs, whatever the file there looks like.
+_SYSTEM_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def check_output(
+    path: str | Path,
+    *,
+    folder: bool,
+    flag: str = "--out",
+    inputs: Iterable[str | Path] = (),
+) -> Path:
+    """Where a command writes, checked before any model is loaded, as the path to write.
+
+    The output must be a regular file (`folder`: a folder) or a missing one in a writable
+    folder: a device, FIFO or socket, anything under /proc, /sys or /dev, and any of the
+    command's `inputs` (the manifest, an audio file, the recipe) are refused in one line.
+    A symlink is followed: results go to its target, which the link keeps naming."""
+    given = Path(path)
+    target = given.resolve()
+    what = "a folder" if folder else "a file"
+    if any(target == tree or target.is_relative_to(tree) for tree in _SYSTEM_TREES):
+        raise GsoptError(f"{flag} {given}: is a system path, not {what}; name {what} of yours")
+    if target.exists():
+        mode = target.stat().st_mode
+        if folder and not stat.S_ISDIR(mode):
+            raise GsoptError(f"{flag} {given}: exists and is not a folder; name a folder")
+        if not folder and stat.S_ISDIR(mode):
+            raise GsoptError(f"{flag} {given}: is a folder; name the file to write")
+        if not folder and not stat.S_ISREG(mode):
+            raise GsoptError(
+                f"{flag} {given}: is not a regular file (a device, FIFO or socket); name a file"
+            )
+    for source in inputs:
+        if Path(source).resolve() == target:
+            raise GsoptError(f"{flag} {given}: is one of the inputs; name another {what[2:]}")
+    start = target if folder else target.parent
+    parent = next((p for p in [start, *start.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise GsoptError(f"{flag} {given}: {parent} is not a writable folder; choose another")
+    return target
 
 
 def _git(*args: str) -> str:

@@ -393,3 +393,45 @@ def test_eval_needs_a_reference_for_every_input(manifest, tmp_path):
     path.write_text('{"audio": "a.wav", "text": "hi"}\n{"audio": "b.wav"}\n')
     err = one_line_error(["eval", "--manifest", str(path), "--out", str(tmp_path / "e")])
     assert "m.jsonl:2: no 'text' (the reference)" in err
+
+
+def test_resuming_under_other_settings_is_refused_naming_what_differs(manifest, tmp_path):
+    """Every line carries the settings it was made with; a rerun under others would mix two
+    models' (or budgets') texts in one file."""
+    out = tmp_path / "o.jsonl"
+    base = ["transcribe", "--manifest", str(manifest), "--out", str(out), "--quiet"]
+    assert run_main([*base, "--model", "tiny", "--max-new-tokens", "2"])[0] == 1  # bad inputs
+    before = out.read_text()
+    for argv, differs in (
+        (["--model", "cpu-small", "--max-new-tokens", "2"], "written with model 'tiny'"),
+        (["--model", "tiny", "--max-new-tokens", "3"], "written with max_new_tokens 2"),
+        (["--model", "tiny", "--max-new-tokens", "2", "--recipe", "eager"], "recipe"),
+    ):
+        err = one_line_error([*base, *argv])
+        assert differs in err and "--resume-anyway" in err
+        assert out.read_text() == before
+    code, err = run_main([*base, "--model", "tiny", "--max-new-tokens", "3", "--resume-anyway"])
+    assert code == 1 and "nothing left to transcribe" in err
+
+
+def test_outputs_that_are_inputs_devices_or_fifos_are_refused(manifest, tmp_path):
+    base = ["transcribe", "--manifest", str(manifest), "--model", "tiny"]
+    assert "is one of the inputs" in one_line_error([*base, "--out", str(manifest)])
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert "not a regular file" in one_line_error([*base, "--out", str(fifo)])
+    for device in ("/dev/full", "/dev/null", "/proc/self/status"):
+        assert "is a system path" in one_line_error([*base, "--out", device])
+    ids = tmp_path / "ids.jsonl"  # a JSONL of ids, not gsopt's results: left alone
+    ids.write_text(manifest.read_text())
+    assert "names no run settings" in one_line_error([*base, "--out", str(ids)])
+    assert ids.read_text() == manifest.read_text()
+
+
+def test_a_symlinked_out_is_written_through_to_its_target(manifest, tmp_path):
+    target, link = tmp_path / "target.jsonl", tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    argv = ["transcribe", "--manifest", str(manifest), "--model", "tiny", "--out", str(link)]
+    assert run_main([*argv, "--max-new-tokens", "2", "--quiet"])[0] == 1
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert len(target.read_text().splitlines()) == 16

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from tabulate import tabulate
 from gsopt.audio.files import load_audio, sample_audio
 from gsopt.audio.frontend import SAMPLE_RATE
 from gsopt.commands import options
-from gsopt.commands.options import at_least, recipe_list
+from gsopt.commands.options import at_least, recipe_files, recipe_list
 from gsopt.errors import GsoptError
 from gsopt.measure.accuracy import teacher_forced
 from gsopt.measure.interleave import Call, interleave, pipeline_runner, ratio_spread
@@ -27,7 +26,7 @@ from gsopt.model.tokenizer import prompt_template
 from gsopt.recipe import build_pipeline, load_recipe
 from gsopt.recipe.compile import compiles
 from gsopt.recipe.settings import Recipe, lossy_reasons
-from gsopt.results import check_writable_folder, environment, to_json, write_atomic
+from gsopt.results import check_output, environment, to_json, write_atomic
 from gsopt.runtime import default_model, dtype_name, resolve_dtype
 
 # The recipe every other is checked and timed against: FMS as shipped, every stage eager.
@@ -270,9 +269,10 @@ def apply_one(
 def run(args: argparse.Namespace) -> int:
     at_least("--repeats", args.repeats, 1)
     at_least("--max-new-tokens", args.max_new_tokens, 1)
-    recipes = [load_recipe(name) for name in recipe_list(args.recipe)]
-    out = Path(args.out)
-    check_writable_folder(out)
+    names = recipe_list(args.recipe)
+    recipes = [load_recipe(name) for name in names]
+    files = [*args.files, *args.audio]
+    out = check_output(args.out, folder=True, inputs=[*files, *recipe_files(names)])
     layout = join(args.tp, args.device)
     if layout.replicas > 1:
         raise GsoptError(
@@ -282,7 +282,6 @@ def run(args: argparse.Namespace) -> int:
     device = layout.device(args.device)
     args.model = args.model or default_model(device.type)
     dtype = resolve_dtype(args.dtype, device)
-    files = [*args.files, *args.audio]
     waves = [load_audio(f) for f in files] if files else [sample_audio()]
     model, draft = load_models(
         args.model, device=device, dtype=dtype, draft=args.draft_model, layout=layout

@@ -26,7 +26,7 @@ from gsopt import runtime
 from gsopt.audio.files import sample_audio
 from gsopt.audio.frontend import SAMPLE_RATE, LogMelDeltaFrontend, LogMelFrontend, num_audio_tokens
 from gsopt.commands import options
-from gsopt.commands.options import at_least, recipe_list
+from gsopt.commands.options import at_least, recipe_files, recipe_list
 from gsopt.engine.drafts import oracle
 from gsopt.engine.pipeline import STAGES, prompt_for
 from gsopt.engine.quantize import stored_bytes
@@ -39,7 +39,7 @@ from gsopt.model.family import family_of, is_variant
 from gsopt.model.loader import load_draft_model
 from gsopt.model.tokenizer import prompt_template
 from gsopt.recipe import build_pipeline, load_recipe
-from gsopt.results import BENCH_SCHEMA, environment, to_json, write_atomic
+from gsopt.results import BENCH_SCHEMA, check_output, environment, to_json, write_atomic
 from gsopt.runtime import (
     DEFAULT_RECIPE,
     DTYPES,
@@ -472,9 +472,9 @@ def run(args: argparse.Namespace) -> int:
     for name in recipes:
         load_recipe(name)  # unknown names fail before any model is built
     at_least("--repeats", args.repeats, 1)
-    out = Path(args.out)
-    if out.is_dir():
-        raise GsoptError(f"--out {out}: is a folder; name the JSON file to write")
+    out = check_output(args.out, folder=False, inputs=recipe_files(recipes))
+    if args.profile is not None:
+        args.profile = check_output(args.profile, folder=True, flag="--profile")
     config = load_config(source)
     peers = _peers(args.peers)
     seconds = _numbers("--audio-seconds", args.audio_seconds, float, 0.1)
@@ -499,6 +499,7 @@ def run(args: argparse.Namespace) -> int:
         raise GsoptError("--draft-accuracy: every value must be at most 1")
     per_point = len(row_names(recipes, args.draft_accuracy)) + len(peers)
     rows: list[dict[str, Any]] = []
+    result = _record(args, device, source, dtypes, recipes, seconds, batches, new_tokens, peers)
     calls = len(dtypes) * len(points) * per_point * (args.repeats + 1)
     with tqdm(total=calls, file=sys.stderr, desc="bench", unit="call") as bar:
         for dtype_name in dtypes:
@@ -512,8 +513,19 @@ def run(args: argparse.Namespace) -> int:
                 rows += _point_rows(
                     model, hf, peers, recipes, dtype_name, s, b, n, args, device, bar, draft
                 )
+                write_atomic(out, to_json({**result, "rows": rows}))  # what finished is kept
             del model, hf, draft
-    result = {
+    result.update(complete=True, rows=rows)
+    write_atomic(out, to_json(result))
+    if args.json:
+        print(to_json(result), end="")
+    print(f"wrote {out} ({len(rows)} rows)", file=sys.stderr)
+    return 0
+
+
+def _record(args, device, source, dtypes, recipes, seconds, batches, new_tokens, peers):
+    """The bench record, rows to come: written after every sweep point, complete at the end."""
+    return {
         "schema": BENCH_SCHEMA,
         "environment": environment(device),
         "settings": {
@@ -536,13 +548,9 @@ def run(args: argparse.Namespace) -> int:
         "bytes (capped at 1 GiB on CPU, 4 GiB on CUDA), sampled after every call, in the "
         "row's dtype",
         "memory_kind": memory_kind(device),
-        "rows": rows,
+        "complete": False,
+        "rows": [],
     }
-    write_atomic(out, to_json(result))
-    if args.json:
-        print(to_json(result), end="")
-    print(f"wrote {out} ({len(rows)} rows)", file=sys.stderr)
-    return 0
 
 
 def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:

@@ -28,13 +28,13 @@ from typing import Any
 from tabulate import tabulate
 
 from gsopt.commands import options
-from gsopt.commands.options import recipe_list
+from gsopt.commands.options import recipe_files, recipe_list
 from gsopt.errors import GsoptError
 from gsopt.model import parallel
 from gsopt.model.family import is_variant
 from gsopt.model.loader import load_target
 from gsopt.model.parallel import join
-from gsopt.results import check_writable_folder, environment, to_json, write_atomic
+from gsopt.results import check_output, environment, to_json, write_atomic
 from gsopt.runtime import default_model, dtype_name
 from gsopt.transcription import corpus
 from gsopt.transcription.transcriber import DEFAULT_MAX_NEW_TOKENS, Transcriber
@@ -262,6 +262,7 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     options.add_batch_seconds(parser, corpus.DEFAULT_BATCH_SECONDS)
     options.add_draft_model(parser)
     parallel.add_argument(parser)
+    options.add_resume_anyway(parser)
     options.add_json(parser)
     options.add_quiet(parser)
     parser.set_defaults(run=run)
@@ -282,8 +283,7 @@ def run(args: argparse.Namespace) -> int:
     files = [transcript_name(name) for name in names]
     if len(set(files)) < len(files):
         raise GsoptError(f"--recipes: two recipes share a transcript name ({', '.join(files)})")
-    out = Path(args.out)
-    check_writable_folder(out)
+    out = check_output(args.out, folder=True, inputs=[args.manifest, *recipe_files(names)])
     layout = join(args.tp, args.device)
     device = layout.device(args.device)
     source = args.model or default_model(device.type)
@@ -315,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
                 batch_seconds=args.batch_seconds,
                 progress=not args.quiet,
                 weights=weights,
+                resume_anyway=args.resume_anyway,
             )
             transcriber.pipeline = None  # frees a recipe's copy of the weights
     finally:

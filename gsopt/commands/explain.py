@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from tabulate import tabulate
 
 from gsopt.audio.frontend import SAMPLE_RATE
 from gsopt.commands import options
-from gsopt.commands.options import one_recipe
+from gsopt.commands.options import one_recipe, recipe_files
 from gsopt.engine.pipeline import prompt_for
 from gsopt.errors import GsoptError
 from gsopt.model.checkpoint import load_model
@@ -39,7 +38,7 @@ from gsopt.model.family import family_of
 from gsopt.model.tokenizer import prompt_template
 from gsopt.recipe.build import PIPELINES, apply
 from gsopt.recipe.settings import load_recipe
-from gsopt.results import environment, to_json, write_atomic
+from gsopt.results import check_output, environment, to_json, write_atomic
 from gsopt.runtime import DEFAULT_RECIPE, default_model, resolve_device
 
 STRATEGIES = ("exact", "dynamic", "buckets")
@@ -330,9 +329,9 @@ def run(args: argparse.Namespace) -> int:
     if args.backend not in BACKENDS:
         raise GsoptError(f"unknown backend {args.backend!r}: choose from {', '.join(BACKENDS)}")
     recipe = load_recipe(one_recipe(args.recipe, "explain")) if args.recipe else None
-    out = Path(args.out) if args.out else None
-    if out is not None and out.is_dir():
-        raise GsoptError(f"--out {out}: is a folder; name the JSON file to write")
+    out = None
+    if args.out:
+        out = check_output(args.out, folder=False, inputs=recipe_files([args.recipe or ""]))
     source = args.model or default_model(device.type)
     model = load_model(source, device=device, lora="merged")
     recipe_notes = list(apply(model, recipe).report.notes) if recipe is not None else []

@@ -87,10 +87,24 @@ def add_draft_model(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_resume_anyway(parser) -> None:
+    parser.add_argument(
+        "--resume-anyway",
+        action="store_true",
+        help="resume an --out written under other settings (model, recipe, prompt, budget, "
+        "gsopt version), mixing their results",
+    )
+
+
 def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bar and no notes on stderr"
     )
+
+
+def recipe_files(names: list[str]) -> list[str]:
+    """The recipes given as files (inputs an output must not overwrite)."""
+    return [name for name in names if name.endswith(".toml")]
 
 
 def at_least(flag: str, value: int | float, minimum: int | float) -> None:

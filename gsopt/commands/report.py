@@ -11,7 +11,7 @@ from typing import Any
 from tabulate import tabulate
 
 from gsopt.errors import GsoptError
-from gsopt.results import BENCH_SCHEMA, read_json, write_atomic
+from gsopt.results import BENCH_SCHEMA, check_output, read_json, write_atomic
 
 
 def load_results(path: Path) -> dict[str, Any]:
@@ -280,7 +280,7 @@ def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
 
 def run(args: argparse.Namespace) -> int:
     results = [(Path(p).name, load_results(Path(p))) for p in args.results]
-    out = Path(args.out)
+    out = check_output(args.out, folder=True, inputs=args.results)
     out.mkdir(parents=True, exist_ok=True)
     images = charts([r for _, data in results for r in data["rows"]])
     for name, data in images.items():

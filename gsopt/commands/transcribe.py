@@ -13,12 +13,13 @@ import os
 import sys
 
 from gsopt.commands import options
-from gsopt.commands.options import one_recipe, recipe_list
+from gsopt.commands.options import one_recipe, recipe_files, recipe_list
 from gsopt.errors import GsoptError
 from gsopt.model import parallel
 from gsopt.model.family import is_variant
 from gsopt.model.loader import load_target
 from gsopt.model.parallel import Layout, join
+from gsopt.results import check_output
 from gsopt.runtime import DEFAULT_RECIPE
 from gsopt.transcription import corpus
 from gsopt.transcription.transcriber import (
@@ -70,6 +71,7 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     options.add_batch_seconds(
         group, None, f" in a --manifest run (default {corpus.DEFAULT_BATCH_SECONDS:g})"
     )
+    options.add_resume_anyway(group)
     options.add_device(parser)
     options.add_max_new_tokens(parser, DEFAULT_MAX_NEW_TOKENS)
     options.add_json(parser)
@@ -88,7 +90,12 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     names = recipe_list(args.recipe)
     if args.manifest is None:
-        for option, value in (("--out", args.out), ("--batch-seconds", args.batch_seconds)):
+        manifest_only = (
+            ("--out", args.out),
+            ("--batch-seconds", args.batch_seconds),
+            ("--resume-anyway", args.resume_anyway or None),
+        )
+        for option, value in manifest_only:
             if value is not None:
                 raise GsoptError(f"{option} applies to --manifest runs; add --manifest FILE")
     else:
@@ -184,10 +191,12 @@ def run_manifest(args: argparse.Namespace, recipe: str, layout: Layout) -> int:
     """A corpus run: exit 0 when every input was transcribed, 1 when some failed (their
     lines carry `error`); under torchrun only rank 0 reports."""
     entries = corpus.read_manifest(args.manifest)
+    inputs = [args.manifest, *recipe_files([recipe]), *(entry.audio for entry in entries)]
+    out = check_output(args.out, folder=False, inputs=inputs)
     transcriber = _transcriber(args, recipe, layout)
     summary = corpus.run(
         entries,
-        args.out,
+        out,
         transcriber,
         layout=layout,
         batch_size=corpus.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
@@ -195,6 +204,7 @@ def run_manifest(args: argparse.Namespace, recipe: str, layout: Layout) -> int:
         if args.batch_seconds is None
         else args.batch_seconds,
         progress=not args.quiet,
+        resume_anyway=args.resume_anyway,
     )
     if summary is None:
         return 0

@@ -342,7 +342,28 @@ def plan_batches(
     return batches
 
 
-def error_record(entry: Entry, seconds: float | None, message: str) -> dict[str, Any]:
+def check_resumable(path: Path, records: list[dict[str, Any]], run: dict[str, Any]) -> None:
+    """Results from other settings must not mix with this run's: every line carries the
+    settings it was made with (`run`), and the first that differs is named."""
+    for record in records:
+        theirs = record.get("run")
+        if theirs == run:
+            continue
+        if not isinstance(theirs, dict):
+            raise GsoptError(
+                f"--out {path}: line {record['id']!r} names no run settings (not a gsopt result "
+                "file, or an older gsopt's); name a new --out, or add --resume-anyway"
+            )
+        key = next(k for k in (*run, *theirs) if theirs.get(k) != run.get(k))
+        raise GsoptError(
+            f"--out {path}: written with {key} {theirs.get(key)!r}, this run has "
+            f"{run.get(key)!r}; name a new --out, or add --resume-anyway to mix them"
+        )
+
+
+def error_record(
+    entry: Entry, seconds: float | None, message: str, run: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "id": entry.id,
         "audio": str(entry.audio),
@@ -352,10 +373,13 @@ def error_record(entry: Entry, seconds: float | None, message: str) -> dict[str,
         **({"reference": entry.reference} if entry.reference is not None else {}),
         "error": message,
         "timing": None,
+        "run": run,
     }
 
 
-def result_record(entry: Entry, result: Transcription, rank: int) -> dict[str, Any]:
+def result_record(
+    entry: Entry, result: Transcription, rank: int, run: dict[str, Any]
+) -> dict[str, Any]:
     batch = result.timings
     return {
         "id": entry.id,
@@ -373,6 +397,7 @@ def result_record(entry: Entry, result: Transcription, rank: int) -> dict[str, A
             "rtfx": round(batch.rtfx, 3),
             "stages": {name: round(s, 6) for name, s in batch.stages.items()},
         },
+        "run": run,
     }
 
 
@@ -386,12 +411,14 @@ def run(
     batch_seconds: float = DEFAULT_BATCH_SECONDS,
     progress: bool = False,
     weights: torch.nn.Module | None = None,
+    resume_anyway: bool = False,
 ) -> Summary | None:
     """Transcribe this replica's share of `entries` into its part file, skipping ids
     already written; then rank 0 merges everything into `out` and returns the summary
     (other ranks return None). `layout` is this process's place (`gsopt.model.parallel.join`,
     already joined); `weights`, when given, a model already loaded for the transcriber to
-    use or copy. The caller leaves the process group."""
+    use or copy. A file written under other settings (`Transcriber.fingerprint`) is refused
+    unless `resume_anyway`. The caller leaves the process group."""
     out = Path(out)
     layout = layout or Layout()
     if batch_size < 1:
@@ -399,15 +426,21 @@ def run(
     if not batch_seconds > 0:
         raise GsoptError(f"--batch-seconds must be above 0, got {batch_seconds}")
     mine = part_path(out, layout.replica, layout.replicas)
-    done: set[str] = set()
-    for path in dict.fromkeys([out, *part_files(out), mine]):
-        done.update(r["id"] for r in read_records(path, repair=path == mine and layout.leader))
+    run_settings = transcriber.fingerprint
+    written = {
+        path: read_records(path, repair=path == mine and layout.leader)
+        for path in dict.fromkeys([out, *part_files(out), mine])
+    }
+    done = {record["id"] for records in written.values() for record in records}
     unknown = done - {entry.id for entry in entries}
     if unknown:
         raise GsoptError(
             f"--out {out}: holds {len(unknown)} result(s) for ids not in the manifest (e.g. "
             f"{min(unknown)!r}): it is another run's output; name a new --out"
         )
+    if not resume_anyway:
+        for path, records in written.items():
+            check_resumable(path, records, run_settings)
 
     # Every rank reads every header, so all deal the same sorted list.
     seconds: dict[int, float] = {}
@@ -425,7 +458,8 @@ def run(
     sink = Appender(mine if layout.leader else None)
     audio_done, spent = 0.0, 0.0
     try:
-        sink.write([error_record(e, None, problems[e.index]) for e in todo if e.index in problems])
+        bad = [e for e in todo if e.index in problems]
+        sink.write([error_record(e, None, problems[e.index], run_settings) for e in bad])
         good = [(e, seconds[e.index]) for e in todo if e.index not in problems]
         if good and transcriber.pipeline is None:
             transcriber.load(weights)
@@ -444,11 +478,11 @@ def run(
                         waves.append(load_audio(entry.audio))
                         kept.append(entry)
                     except GsoptError as exc:  # NaN samples, a body that does not decode
-                        records.append(error_record(entry, duration, str(exc)))
+                        records.append(error_record(entry, duration, str(exc), run_settings))
                 if kept:
                     results = transcriber.run_batch(number, [e.audio for e in kept], waves)
                     pairs = zip(kept, results, strict=True)
-                    records += [result_record(e, r, layout.replica) for e, r in pairs]
+                    records += [result_record(e, r, layout.replica, run_settings) for e, r in pairs]
                 sink.write(records)
                 batch_audio = sum(duration for _, duration in batch)
                 audio_done += batch_audio

@@ -9,11 +9,13 @@ Corpus runs (`gsopt.transcription.corpus`) drive the same `Transcriber`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from gsopt.model.parallel import Layout
 from gsopt.model.tokenizer import decode, load_tokenizer, prompt_ids
 from gsopt.recipe import build_pipeline, load_recipe
 from gsopt.recipe.compile import compiles
-from gsopt.runtime import DEFAULT_RECIPE, default_model, resolve_device, resolve_dtype
+from gsopt.runtime import DEFAULT_RECIPE, default_model, dtype_name, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 200  # the Granite Speech model cards' setting
@@ -166,6 +168,10 @@ def _run_batch(
     return results
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
+
 class Transcriber:
     """Settings checked and cheap parts read on construction (config, tokenizer, prompt,
     recipe file), the weights only on `load`: a corpus run can refuse bad input, write its
@@ -206,6 +212,25 @@ class Transcriber:
         self.draft_model = draft_model
         self.layout = layout
         self.pipeline = None
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two runs' results comparable: the model (folder or variant) and a
+        digest of its config, the dtype, the recipe and a digest of its settings, a digest
+        of the prompt, the token budget and gsopt's version. Corpus runs resume only a file
+        written with the same."""
+        source = self.source
+        model = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
+        return {
+            "model": model,
+            "config": _digest(self.config),
+            "dtype": dtype_name(self.dtype),
+            "recipe": self.recipe.name,
+            "recipe_settings": _digest(self.recipe),
+            "prompt": _digest(self.template),
+            "max_new_tokens": self.max_new_tokens,
+            "gsopt": version("gsopt"),
+        }
 
     def check_lengths(self, paths: list[Path], num_samples: list[int]) -> None:
         """Refuse, naming the file, a clip whose audio tokens do not fit the positions."""
