@@ -76,3 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(
+            f"{command}: error: out of memory ({str(e).splitlines()[0][:120]}); use --dtype "
+            "bfloat16, a smaller variant or a smaller --batch-size",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """An allocator's failure (host or CUDA), which a user fixes with a smaller model or
+    batch, not a bug."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        return True
+    return "can't allocate memory" in str(error) or "out of memory" in str(error).lower()

@@ -151,3 +151,67 @@ def test_ctrl_c_while_loading_prints_one_line(launcher):
         pytest.skip("the process finished loading before the signal arrived")
     # 130, or killed by SIGINT itself (-2), which a shell also reports as 130.
     assert process.returncode in (130, -2) and err == "gsopt: interrupted\n", err
+
+
+def test_wrongly_typed_and_binary_settings_name_the_field(capsys, tmp_path):
+    """config.json fields of the wrong type, recipe values of the wrong type, a recipe that
+    is not text, a folder given as a results file."""
+    from helpers import hf_config, reference_model, save_checkpoint
+
+    folder = save_checkpoint(reference_model(hf_config()), tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_size"] = "big"
+    (folder / "config.json").write_text(json.dumps(config))
+    err = one_line_error(capsys, "transcribe", "--model", str(folder))
+    assert "text_config.hidden_size is str 'big', expected an integer" in err
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('kv_cache = "static"\n[quantize]\nweights = "int4"\ngroup_size = 7\n')
+    err = one_line_error(capsys, "apply", "--recipe", str(recipe), "--model", "tiny")
+    assert "group_size = 7 is not one of 32, 64, 128" in err
+    recipe.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    assert "not UTF-8 text" in one_line_error(capsys, "apply", "--recipe", str(recipe))
+    recipe.write_text('kv_cache = "static"\n[speculate]\nk = 1000\n')
+    assert "k = 1000 must be at most 64" in one_line_error(capsys, "apply", "--recipe", str(recipe))
+    assert "is a folder; expected a JSON file" in one_line_error(capsys, "report", str(tmp_path))
+
+
+def test_a_header_below_any_speech_rate_is_refused(capsys, tmp_path):
+    path = tmp_path / "one-hertz.wav"
+    soundfile.write(path, np.zeros(10, dtype=np.float32), 1)
+    assert "header says 1 Hz" in one_line_error(capsys, "transcribe", str(path), "--model", "tiny")
+
+
+def test_a_url_in_a_manifest_is_refused_as_such(capsys, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "https://example.com/a.wav"}\n')
+    argv = ["transcribe", "--manifest", str(manifest), "--out", str(tmp_path / "o.jsonl")]
+    err = one_line_error(capsys, *argv, "--model", "tiny")
+    assert "'audio' is a URL (https://example.com/a.wav)" in err
+
+
+def test_a_model_or_batch_too_large_for_memory_is_refused_before_loading(capsys):
+    err = one_line_error(capsys, "bench", "--model", "tiny", "--batch-size", "1000000")
+    assert "1000000 row(s) of KV cache" in err and "--no-memory-check" in err
+    # Under a 4 GiB address-space limit (`ulimit -v`), as a small container would set.
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "gsopt", "transcribe", "--model", "3.3-2b", "--quiet"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "3.3-2b needs about 12.8 GiB in float32" in done.stderr
+    assert "address-space limit (ulimit -v) leaves" in done.stderr
+
+
+def test_an_ignored_draft_model_is_a_warning(capsys):
+    capsys.readouterr()
+    assert main(["transcribe", "--model", "tiny", "--draft-model", "tiny", "--quiet"]) == 0
+    assert "warning: --draft-model is ignored" in capsys.readouterr().err

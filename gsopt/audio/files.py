@@ -24,6 +24,9 @@ SAMPLE_AUDIO = Path(__file__).parents[1] / "assets" / "sample.flac"
 
 # The shortest clip with one encoder frame (two mel frames: samples // 160 + 1 >= 2).
 MIN_SAMPLES = 160
+# Below this a header cannot be telling the truth about speech (8 kHz is telephony's rate):
+# a 1 Hz header would turn 10 samples into 10 seconds.
+MIN_SAMPLE_RATE = 1000
 
 
 def check_audio_file(path: str | os.PathLike) -> float:
@@ -35,10 +38,16 @@ def check_audio_file(path: str | os.PathLike) -> float:
     if not path.is_file():
         raise GsoptError(f"{path}: no such audio file")
     try:
-        return soundfile.info(path).duration
+        info = soundfile.info(path)
     except RuntimeError as exc:  # soundfile's errors derive from RuntimeError
         reason = " ".join(getattr(exc, "error_string", str(exc)).split())
         raise GsoptError(f"{path}: not a readable audio file ({reason})") from None
+    if info.samplerate < MIN_SAMPLE_RATE:
+        raise GsoptError(
+            f"{path}: its header says {info.samplerate} Hz, below any speech recording's rate "
+            f"({MIN_SAMPLE_RATE} Hz at least); the header is wrong or this is not audio"
+        )
+    return info.duration
 
 
 def load_audio(path: str | os.PathLike) -> torch.Tensor:

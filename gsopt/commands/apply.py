@@ -271,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     names = recipe_list(args.recipe)
     recipes = [load_recipe(name) for name in names]
+    options.warn_unused_draft(args, recipes, "apply")
     files = [*args.files, *args.audio]
     out = check_output(args.out, folder=True, inputs=[*files, *recipe_files(names)])
     layout = join(args.tp, args.device)
@@ -284,7 +285,12 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     waves = [load_audio(f) for f in files] if files else [sample_audio()]
     model, draft = load_models(
-        args.model, device=device, dtype=dtype, draft=args.draft_model, layout=layout
+        args.model,
+        device=device,
+        dtype=dtype,
+        draft=args.draft_model,
+        layout=layout,
+        memory_check=args.memory_check,
     )
     template = prompt_template(model.config, args.model) if family_of(model).decoder else None
     baseline = build_pipeline(model, BASELINE)  # every rank runs both; rank 0 reports
@@ -338,5 +344,6 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     options.add_json(parser)
     options.add_draft_model(parser)
     parallel.add_argument(parser)
+    options.add_memory_check(parser)
     parser.set_defaults(run=run)
     return parser

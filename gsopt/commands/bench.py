@@ -37,6 +37,7 @@ from gsopt.model.checkpoint import from_hf_state_dict, load_config, load_model
 from gsopt.model.config import hf_model_class, to_hf_config
 from gsopt.model.family import family_of, is_variant
 from gsopt.model.loader import load_draft_model
+from gsopt.model.memory import check_fits
 from gsopt.model.tokenizer import prompt_template
 from gsopt.recipe import build_pipeline, load_recipe
 from gsopt.results import BENCH_SCHEMA, check_output, environment, to_json, write_atomic
@@ -469,8 +470,8 @@ def run(args: argparse.Namespace) -> int:
     for name in dtypes:
         resolve_dtype(name, device)
     recipes = recipe_list(args.recipe, DEFAULT_BENCH_RECIPES)
-    for name in recipes:
-        load_recipe(name)  # unknown names fail before any model is built
+    # unknown names fail before any model is built
+    options.warn_unused_draft(args, [load_recipe(name) for name in recipes], "bench")
     at_least("--repeats", args.repeats, 1)
     out = check_output(args.out, folder=False, inputs=recipe_files(recipes))
     if args.profile is not None:
@@ -500,6 +501,9 @@ def run(args: argparse.Namespace) -> int:
     per_point = len(row_names(recipes, args.draft_accuracy)) + len(peers)
     rows: list[dict[str, Any]] = []
     result = _record(args, device, source, dtypes, recipes, seconds, batches, new_tokens, peers)
+    for dtype_name in dtypes if args.memory_check else []:  # gsopt's model, transformers' too
+        copies = 1 + bool(peers)
+        check_fits(source, config, DTYPES[dtype_name], device, copies, rows=max(batches))
     calls = len(dtypes) * len(points) * per_point * (args.repeats + 1)
     with tqdm(total=calls, file=sys.stderr, desc="bench", unit="call") as bar:
         for dtype_name in dtypes:
@@ -595,5 +599,6 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
         "1.0,0.9,0.7,0)",
     )
     options.add_draft_model(parser)
+    options.add_memory_check(parser)
     parser.set_defaults(run=run)
     return parser

@@ -263,6 +263,7 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     options.add_draft_model(parser)
     parallel.add_argument(parser)
     options.add_resume_anyway(parser)
+    options.add_memory_check(parser)
     options.add_json(parser)
     options.add_quiet(parser)
     parser.set_defaults(run=run)
@@ -300,9 +301,13 @@ def run(args: argparse.Namespace) -> int:
             )
             for name in names
         }
+        if layout.rank == 0:
+            options.warn_unused_draft(args, [t.recipe for t in transcribers.values()], "eval")
         transcripts = {n: out / "transcripts" / f for n, f in zip(names, files, strict=True)}
         dtype = transcribers[BASELINE].dtype
-        weights = load_target(source, device=device, dtype=dtype, layout=layout)
+        weights = load_target(
+            source, device=device, dtype=dtype, layout=layout, memory_check=args.memory_check
+        )
         for name, transcriber in transcribers.items():
             if layout.rank == 0:
                 print(f"gsopt eval: {name}", file=sys.stderr)

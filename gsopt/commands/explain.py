@@ -32,9 +32,9 @@ from gsopt.commands import options
 from gsopt.commands.options import one_recipe, recipe_files
 from gsopt.engine.pipeline import prompt_for
 from gsopt.errors import GsoptError
-from gsopt.model.checkpoint import load_model
 from gsopt.model.config import hf_model_class, to_hf_config
 from gsopt.model.family import family_of
+from gsopt.model.loader import load_target
 from gsopt.model.tokenizer import prompt_template
 from gsopt.recipe.build import PIPELINES, apply
 from gsopt.recipe.settings import load_recipe
@@ -333,7 +333,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = check_output(args.out, folder=False, inputs=recipe_files([args.recipe or ""]))
     source = args.model or default_model(device.type)
-    model = load_model(source, device=device, lora="merged")
+    model = load_target(
+        source, device=device, dtype=torch.float32, lora="merged", memory_check=args.memory_check
+    )
     recipe_notes = list(apply(model, recipe).report.notes) if recipe is not None else []
     reports = explain_gsopt(model, seconds, batches, strategies, args.backend)
     if not args.no_reference:
@@ -383,6 +385,7 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parser.add_argument("--no-reference", action="store_true", help="skip transformers' side")
     parser.add_argument("--out", metavar="FILE.json", help="also write the report to this file")
     options.add_json(parser)
+    options.add_memory_check(parser)
     parser.set_defaults(run=run)
     return parser
 

@@ -4,6 +4,7 @@ and fails the same way in every command that takes it."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gsopt.errors import GsoptError
 from gsopt.runtime import CPU_MODEL, CUDA_MODEL, DEFAULT_RECIPE
@@ -94,6 +95,25 @@ def add_resume_anyway(parser) -> None:
         help="resume an --out written under other settings (model, recipe, prompt, budget, "
         "gsopt version), mixing their results",
     )
+
+
+def add_memory_check(parser) -> None:
+    parser.add_argument(
+        "--no-memory-check",
+        dest="memory_check",
+        action="store_false",
+        help="load even when the model looks too large for the memory available",
+    )
+
+
+def warn_unused_draft(args: argparse.Namespace, recipes: list, command: str) -> None:
+    """--draft-model with no recipe that drafts with a model would be silently ignored."""
+    if args.draft_model is not None and not any(r.drafts_with_model for r in recipes):
+        print(
+            f"gsopt {command}: warning: --draft-model is ignored: no recipe given drafts with "
+            "a model (speculative-draft does)",
+            file=sys.stderr,
+        )
 
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:

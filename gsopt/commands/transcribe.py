@@ -18,6 +18,7 @@ from gsopt.errors import GsoptError
 from gsopt.model import parallel
 from gsopt.model.family import is_variant
 from gsopt.model.loader import load_target
+from gsopt.model.memory import check_fits
 from gsopt.model.parallel import Layout, join
 from gsopt.results import check_output
 from gsopt.runtime import DEFAULT_RECIPE
@@ -82,6 +83,7 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     )
     options.add_draft_model(parser)
     parallel.add_argument(parser)
+    options.add_memory_check(parser)
     options.add_quiet(parser)
     parser.set_defaults(run=run)
     return parser
@@ -120,6 +122,7 @@ def _transcriber(args: argparse.Namespace, recipe: str, layout: Layout) -> Trans
         prompt=args.prompt,
         draft_model=args.draft_model,
         layout=layout,
+        memory_check=args.memory_check,
     )
 
 
@@ -133,11 +136,21 @@ def run_files(args: argparse.Namespace, names: list[str], layout: Layout) -> int
     batch_size = 1 if args.batch_size is None else args.batch_size
     options.at_least("--batch-size", batch_size, 1)
     transcribers = [_transcriber(args, name, layout) for name in names]  # all checked first
+    options.warn_unused_draft(args, [t.recipe for t in transcribers], "transcribe")
     first = transcribers[0]
+    if args.memory_check:
+        rows = min(batch_size, max(1, len(args.files)))
+        check_fits(first.source, first.config, first.dtype, first.device, 1 / args.tp, rows)
     paths, waveforms = read_files(args.files, first)
     weights = None
     if len(transcribers) > 1:
-        weights = load_target(first.source, device=first.device, dtype=first.dtype, layout=layout)
+        weights = load_target(
+            first.source,
+            device=first.device,
+            dtype=first.dtype,
+            layout=layout,
+            memory_check=args.memory_check,
+        )
     results = {}
     for transcriber in transcribers:
         transcriber.load(weights)
@@ -194,12 +207,19 @@ def run_manifest(args: argparse.Namespace, recipe: str, layout: Layout) -> int:
     inputs = [args.manifest, *recipe_files([recipe]), *(entry.audio for entry in entries)]
     out = check_output(args.out, folder=False, inputs=inputs)
     transcriber = _transcriber(args, recipe, layout)
+    if layout.rank == 0:
+        options.warn_unused_draft(args, [transcriber.recipe], "transcribe")
+    batch_size = corpus.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
+    if args.memory_check:
+        rows = max(1, min(batch_size, len(entries)))
+        config, dtype = transcriber.config, transcriber.dtype
+        check_fits(transcriber.source, config, dtype, transcriber.device, 1 / args.tp, rows)
     summary = corpus.run(
         entries,
         out,
         transcriber,
         layout=layout,
-        batch_size=corpus.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size,
+        batch_size=batch_size,
         batch_seconds=corpus.DEFAULT_BATCH_SECONDS
         if args.batch_seconds is None
         else args.batch_seconds,

@@ -396,16 +396,36 @@ CTC_VARIANTS: dict[str, GraniteSpeechCTCConfig] = {
 }
 
 
-def _require(section: dict[str, Any], key: str, where: str) -> Any:
+def _checked(value: Any, key: str, where: str, kind: type | None) -> Any:
+    """`value` if it is a `kind` (int; float takes ints too; bool is never a number)."""
+    if kind is None or value is None:
+        return value
+    kinds = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise GsoptError(
+            f"config.json: {where}.{key} is {type(value).__name__} {value!r:.40}, expected "
+            f"{'a number' if kind is float else 'an integer'}"
+        )
+    return value
+
+
+def _require(section: dict[str, Any], key: str, where: str, kind: type | None = int) -> Any:
+    """A required setting, checked to be a `kind` (an integer unless said otherwise)."""
     if key not in section:
         raise GsoptError(
             f"config.json: {where} has no {key!r}; is this a Granite Speech checkpoint?"
         )
-    return section[key]
+    return _checked(section[key], key, where, kind)
+
+
+def _get(section: dict[str, Any], key: str, where: str, default: Any, kind: type = int) -> Any:
+    """An optional setting (`default` when absent or null), checked to be a `kind`."""
+    value = section.get(key)
+    return default if value is None else _checked(value, key, where, kind)
 
 
 def _section(hf: dict[str, Any], key: str) -> dict[str, Any]:
-    section = _require(hf, key, "the top level")
+    section = _require(hf, key, "the top level", kind=None)
     if not isinstance(section, dict):
         raise GsoptError(
             f"config.json: {key} is {type(section).__name__} {section!r:.40}, expected an "
@@ -420,7 +440,8 @@ def _rope_theta(text: dict[str, Any]) -> float:
     kind = rope.get("rope_type", (scaling or {}).get("rope_type", "default"))
     if kind != "default":
         raise GsoptError(f"config.json: rope type {kind!r} is not supported (only 'default')")
-    return float(rope.get("rope_theta", text.get("rope_theta", 10_000.0)))
+    theta = rope.get("rope_theta", text.get("rope_theta", 10_000.0))
+    return float(_checked(theta, "rope_theta", "text_config", float))
 
 
 SPEECH_LLM_MODEL_TYPES = ("granite_speech", "granite_speech_plus")
@@ -456,7 +477,7 @@ def from_hf_config(
         hidden_dim=hidden_dim,
         feedforward_mult=req(enc, "feedforward_mult", "encoder_config"),
         num_heads=num_heads,
-        dim_head=enc.get("dim_head") or hidden_dim // num_heads,
+        dim_head=_get(enc, "dim_head", "encoder_config", 0) or hidden_dim // num_heads,
         output_dim=req(enc, "output_dim", "encoder_config"),
         context_size=req(enc, "context_size", "encoder_config"),
         max_pos_emb=req(enc, "max_pos_emb", "encoder_config"),
@@ -474,15 +495,15 @@ def from_hf_config(
         num_layers=req(proj, "num_hidden_layers", "projector_config"),
         num_heads=req(proj, "num_attention_heads", "projector_config"),
         intermediate_size=req(proj, "intermediate_size", "projector_config"),
-        layer_norm_eps=req(proj, "layer_norm_eps", "projector_config"),
+        layer_norm_eps=req(proj, "layer_norm_eps", "projector_config", float),
         encoder_hidden_size=req(proj, "encoder_hidden_size", "projector_config"),
         cross_attention_frequency=req(proj, "cross_attention_frequency", "projector_config"),
-        window_size=hf.get("window_size", 15),
-        downsample_rate=hf.get("downsample_rate", 5),
+        window_size=_get(hf, "window_size", "the top level", 15),
+        downsample_rate=_get(hf, "downsample_rate", "the top level", 5),
     )
     emb_dim = req(text, "hidden_size", "text_config")
     nheads = req(text, "num_attention_heads", "text_config")
-    head_dim = text.get("head_dim") or emb_dim // nheads
+    head_dim = _get(text, "head_dim", "text_config", 0) or emb_dim // nheads
     if head_dim * nheads != emb_dim:
         raise GsoptError(
             f"config.json: head_dim {head_dim} x {nheads} heads != hidden_size {emb_dim}; "
@@ -493,30 +514,36 @@ def from_hf_config(
     decoder = GraniteConfig(
         src_vocab_size=req(text, "vocab_size", "text_config"),
         emb_dim=emb_dim,
-        norm_eps=req(text, "rms_norm_eps", "text_config"),
+        norm_eps=req(text, "rms_norm_eps", "text_config", float),
         nheads=nheads,
         head_dim=head_dim,
-        kvheads=text.get("num_key_value_heads") or nheads,
+        kvheads=_get(text, "num_key_value_heads", "text_config", 0) or nheads,
         nlayers=req(text, "num_hidden_layers", "text_config"),
-        pad_id=text.get("pad_token_id") if text.get("pad_token_id") is not None else 0,
+        pad_id=_get(text, "pad_token_id", "text_config", 0),
         hidden_grow_factor=req(text, "intermediate_size", "text_config") / emb_dim,
         multiple_of=1,
-        max_expected_seq_len=min(text.get("max_position_embeddings", 4096), MAX_DECODER_POSITIONS),
+        max_expected_seq_len=min(
+            _get(text, "max_position_embeddings", "text_config", 4096), MAX_DECODER_POSITIONS
+        ),
         attn_bias=text.get("attention_bias", False),
         mlp_bias=text.get("mlp_bias", False),
         tie_heads=hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
         rope_theta=_rope_theta(text),
-        embedding_multiplier=float(text.get("embedding_multiplier", 1.0)),
-        logits_scaling=float(text.get("logits_scaling", 1.0)),
-        residual_multiplier=float(text.get("residual_multiplier", 1.0)),
-        attention_multiplier=float(text.get("attention_multiplier", 1.0)),
+        embedding_multiplier=float(_get(text, "embedding_multiplier", "text_config", 1.0, float)),
+        logits_scaling=float(_get(text, "logits_scaling", "text_config", 1.0, float)),
+        residual_multiplier=float(_get(text, "residual_multiplier", "text_config", 1.0, float)),
+        attention_multiplier=float(_get(text, "attention_multiplier", "text_config", 1.0, float)),
         p_dropout=0.0,
         fused_weights=True,
     )
     eos = text.get("eos_token_id", hf.get("eos_token_id", 0))
+    audio_index = _get(hf, "audio_token_index", "the top level", 49155)
+    for token in eos if isinstance(eos, list) else [eos]:
+        _checked(token, "eos_token_id", "text_config", int)
     lora_rank, lora_alpha = 0, 0.0
     if adapter is not None:
-        lora_rank, lora_alpha = int(adapter["r"]), float(adapter["lora_alpha"])
+        lora_rank = _require(adapter, "r", "adapter_config.json")
+        lora_alpha = float(_require(adapter, "lora_alpha", "adapter_config.json", float))
         targets = set(adapter.get("target_modules") or [])
         if (
             not targets <= {"q_proj", "v_proj"}
@@ -531,7 +558,7 @@ def from_hf_config(
         encoder=encoder,
         projector=projector,
         decoder=decoder,
-        audio_token_id=hf.get("audio_token_id", hf.get("audio_token_index", 49155)),
+        audio_token_id=_get(hf, "audio_token_id", "the top level", audio_index),
         eos_token_id=eos[0] if isinstance(eos, list) else (eos if eos is not None else 0),
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
@@ -539,7 +566,7 @@ def from_hf_config(
 
 
 def _ctc_from_hf_config(hf: dict[str, Any]) -> GraniteSpeechCTCConfig:
-    enc = _require(hf, "encoder_config", "the top level")
+    enc = _section(hf, "encoder_config")
     where = "encoder_config"
     vocab_size = _require(hf, "vocab_size", "the top level")
     if _require(enc, "vocab_size", where) != vocab_size:
@@ -549,7 +576,7 @@ def _ctc_from_hf_config(hf: dict[str, Any]) -> GraniteSpeechCTCConfig:
         )
     hidden_dim = _require(enc, "hidden_size", where)
     num_heads = _require(enc, "num_attention_heads", where)
-    kv_heads = enc.get("num_key_value_heads") or num_heads
+    kv_heads = _get(enc, "num_key_value_heads", where, 0) or num_heads
     if kv_heads != num_heads:
         raise GsoptError(
             f"config.json: encoder_config.num_key_value_heads is {kv_heads}, expected "
@@ -560,14 +587,14 @@ def _ctc_from_hf_config(hf: dict[str, Any]) -> GraniteSpeechCTCConfig:
             f"config.json: encoder_config.hidden_act is {enc['hidden_act']!r}, expected 'silu'"
         )
     subsample = enc.get("subsample_layers")
-    blank = hf.get("pad_token_id")
+    blank = _get(hf, "pad_token_id", "the top level", None)
     return GraniteSpeechCTCConfig(
         num_mel_bins=_require(enc, "num_mel_bins", where),
         num_layers=_require(enc, "num_hidden_layers", where),
         hidden_dim=hidden_dim,
         intermediate_size=_require(enc, "intermediate_size", where),
         num_heads=num_heads,
-        dim_head=enc.get("head_dim") or hidden_dim // num_heads,
+        dim_head=_get(enc, "head_dim", where, 0) or hidden_dim // num_heads,
         context_size=_require(enc, "context_size", where),
         max_pos_emb=_require(enc, "max_position_embeddings", where),
         conv_kernel_size=_require(enc, "conv_kernel_size", where),

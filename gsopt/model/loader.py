@@ -12,6 +12,7 @@ from gsopt.errors import GsoptError
 from gsopt.model.checkpoint import load_config, load_model
 from gsopt.model.family import family_of
 from gsopt.model.lora import LoraMode
+from gsopt.model.memory import check_fits
 from gsopt.model.parallel import Layout
 from gsopt.model.tensor_parallel import load_tensor_parallel
 from gsopt.model.tokenizer import TOKENIZER_FILES, load_tokenizer
@@ -25,9 +26,14 @@ def load_target(
     layout: Layout | None = None,
     lora: LoraMode = "live",
     seed: int = 0,
+    memory_check: bool = True,
 ) -> torch.nn.Module:
-    """The model to run: whole, or this rank's shard when the layout is tensor-parallel."""
-    if layout is not None and layout.tp > 1:
+    """The model to run: whole, or this rank's shard when the layout is tensor-parallel;
+    refused first if it cannot fit (`gsopt.model.memory`) unless `memory_check` is off."""
+    shards = layout.tp if layout is not None else 1
+    if memory_check:
+        check_fits(source, load_config(source), dtype, torch.device(device), 1 / shards)
+    if shards > 1:
         return load_tensor_parallel(
             source, group=layout.tp_group, device=device, dtype=dtype, lora=lora, seed=seed
         )
@@ -77,6 +83,7 @@ def load_models(
     draft: str | Path | None = None,
     layout: Layout | None = None,
     lora: LoraMode = "live",
+    memory_check: bool = True,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The target and, when `draft` names one, its draft model (checked first: a draft that
     cannot serve the target is refused before the target's weights are read)."""
@@ -85,5 +92,7 @@ def load_models(
         draft_model = load_draft_model(
             draft, load_config(source), device=device, dtype=dtype, target_source=source
         )
-    target = load_target(source, device=device, dtype=dtype, layout=layout, lora=lora)
+    target = load_target(
+        source, device=device, dtype=dtype, layout=layout, lora=lora, memory_check=memory_check
+    )
     return target, draft_model

@@ -43,10 +43,13 @@ MINIMUM = {
     "prefill_bucket": 1,
     "max_seq_len": 1,
     "k": 1,
+    "num_beams": 1,
     "ctc_threshold": 0.0,
     "confidence_threshold": 0.0,
 }
-MAXIMUM = {"confidence_threshold": 1.0}
+# A verification block wider than this cannot be meant: drafts of 64 tokens a step already
+# cover a whole utterance.
+MAXIMUM = {"confidence_threshold": 1.0, "k": 64}
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Recipe:
     audio_buckets: bool = False
     check_every: int = 8
     max_seq_len: int | None = None
+    num_beams: int = 1
     frontend: StageRecipe = field(default_factory=StageRecipe)
     encoder: StageRecipe = field(default_factory=StageRecipe)
     projector: StageRecipe = field(default_factory=StageRecipe)
@@ -95,6 +99,14 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def drafts_with_model(self) -> bool:
+        """Whether it speculates from a draft model, on any device type."""
+        return any(
+            r.speculate is not None and r.speculate.draft == "model"
+            for r in (self, *self.devices.values())
+        )
+
 
 def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) -> list[str]:
     """Why a recipe's tokens may differ from eager's (empty: it is lossless, and `apply`
@@ -105,6 +117,11 @@ def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) ->
         reasons.append(f"casts the weights to {recipe.dtype}")
     if recipe.speculate is not None and recipe.speculate.mode == "relaxed":
         reasons.append("relaxed speculation keeps CTC drafts the decoder did not confirm")
+    if recipe.num_beams > 1:
+        reasons.append(
+            f"num_beams = {recipe.num_beams}: beam search, not greedy decoding (its reference "
+            f"is transformers' generate(num_beams={recipe.num_beams}))"
+        )
     if recipe.quantize is not None:
         q = recipe.quantize
         computing = f" (computing in {q.compute_dtype})" if q.compute_dtype else ""
@@ -278,6 +295,7 @@ def _parse(data: dict[str, Any], where: str) -> Recipe:
             fields[key] = value
     recipe = Recipe(**fields)
     cache = KV_CACHES[recipe.kv_cache]
+    _check_beams(recipe, cache.fixed_shapes, where)
     if recipe.speculate is not None and not cache.fixed_shapes:
         raise GsoptError(f'{where}: [speculate] needs kv_cache = "static" (its verify step)')
     if not cache.fixed_shapes:
@@ -289,6 +307,25 @@ def _parse(data: dict[str, Any], where: str) -> Recipe:
                     f"{recipe.kv_cache} cache changes shape every step)"
                 )
     return recipe
+
+
+def _check_beams(recipe: Recipe, fixed_shapes: bool, where: str) -> None:
+    """What beam search (`gsopt.engine.beam`) cannot combine with, refused in one line."""
+    beams = recipe.num_beams
+    if beams == 1:
+        return
+    if not fixed_shapes:
+        raise GsoptError(f'{where}: num_beams = {beams} needs kv_cache = "static" (its beam step)')
+    if recipe.decode.captured:
+        raise GsoptError(
+            f"{where}: num_beams = {beams}: the beam step is compiled, never captured in a CUDA "
+            "graph; drop cudagraph (and modes reduce-overhead, max-autotune) from [decode]"
+        )
+    if recipe.speculate is not None and recipe.speculate.mode == "exact":
+        raise GsoptError(
+            f"{where}: num_beams = {beams} with exact speculation, which gives greedy tokens; "
+            'beams are plain decoding\'s or the fallback of mode = "relaxed"'
+        )
 
 
 def builtin_recipes() -> list[str]:

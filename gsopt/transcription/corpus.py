@@ -147,6 +147,11 @@ def _entry(index: int, where: str, row: dict[str, Any], base: Path) -> Entry:
     if not isinstance(audio, str) or not audio.strip():
         got = "no 'audio' field" if audio is None else f"'audio' is {audio!r}"
         raise GsoptError(f"{where}: {got}; expected the audio file's path: {MANIFEST_EXAMPLE}")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", audio):
+        raise GsoptError(
+            f"{where}: 'audio' is a URL ({audio}); gsopt reads local files: download it and "
+            "give its path"
+        )
     text = row.get("text")
     if text is not None and not isinstance(text, str):
         raise GsoptError(f"{where}: 'text' is {type(text).__name__} {text!r}, expected a string")

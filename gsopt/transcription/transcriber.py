@@ -188,6 +188,7 @@ class Transcriber:
         prompt: str | None = None,
         draft_model: str | os.PathLike | None = None,
         layout: Layout | None = None,
+        memory_check: bool = True,
     ):
         """`model`: a checkpoint folder or a variant (default: `gsopt.runtime.default_model`);
         `recipe`: a built-in name or a .toml path; `layout`: this process's place under
@@ -209,8 +210,9 @@ class Transcriber:
             self.template = prompt_ids(self.tokenizer, self.config.audio_token_id, prompt)
             self.check_lengths([], [])  # a prompt and budget that leave no room for audio
         self.recipe = load_recipe(recipe)
-        self.draft_model = draft_model
+        self.draft_model = draft_model if self.recipe.drafts_with_model else None
         self.layout = layout
+        self.memory_check = memory_check
         self.pipeline = None
 
     @property
@@ -250,6 +252,7 @@ class Transcriber:
                 dtype=self.dtype,
                 draft=self.draft_model,
                 layout=self.layout,
+                memory_check=self.memory_check,
             )
         elif self.draft_model is not None:
             draft = load_draft_model(
