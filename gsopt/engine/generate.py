@@ -1,5 +1,6 @@
 """Greedy decoding on the static KV cache, gpt-fast style: `setup_cache`, `prefill`,
-`decode_one_token`, `decode_n_tokens`, `verify`, `generate`.
+`decode_one_token`, `decode_n_tokens`, `step_logits` and `verify`, `generate`. Beam search on
+the same cache is `gsopt.engine.beam`.
 
 Each step is a small function of tensors that a recipe compiles or captures as it is:
 - rows are right-padded and each keeps its own position, so a batched row is computed as the
@@ -82,7 +83,7 @@ def prefill(
     return logits_from_hidden(model, picked)
 
 
-def verify(
+def step_logits(
     model,
     tokens: torch.Tensor,
     positions: torch.Tensor,
@@ -91,9 +92,9 @@ def verify(
     attn_name: str = SDPA,
 ) -> torch.Tensor:
     """k tokens per row [B, k], row b's first at positions[b], in one forward: attention is
-    causal within the block and sees the row's cache before it. Returns the greedy token
-    after each of the k positions [B, k]. Slots written past what a caller accepts are
-    harmless: a later step writes its own position before anything reads it."""
+    causal within the block and sees the row's cache before it. Returns the logits after each
+    of the k positions [B, k, vocab]. Slots written past what a caller accepts are harmless:
+    a later step writes its own position before anything reads it."""
     k = tokens.shape[1]
     cache_positions = positions[:, None] + torch.arange(k, device=tokens.device)
     attn = model.decoder.base_model.layers[0].attn  # its heads are this rank's under TP
@@ -107,7 +108,19 @@ def verify(
         cache_positions=cache_positions,
         cache_mask=cache_mask(cache_positions, kv_index, group),
     )
-    return logits_from_hidden(model, hidden).argmax(-1)
+    return logits_from_hidden(model, hidden)
+
+
+def verify(
+    model,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: list,
+    kv_index: torch.Tensor,
+    attn_name: str = SDPA,
+) -> torch.Tensor:
+    """`step_logits`' greedy token after each of the k positions [B, k]."""
+    return step_logits(model, tokens, positions, cache, kv_index, attn_name).argmax(-1)
 
 
 def decode_one_token(

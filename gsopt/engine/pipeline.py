@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from gsopt.audio.frontend import HOP_LENGTH, SAMPLE_RATE, LogMelFrontend
-from gsopt.engine import fms_decode, generate
+from gsopt.engine import beam, fms_decode, generate
 from gsopt.engine.kv_cache import SDPA
 from gsopt.engine.speculate import Speculation, SpeculationStats, Steps, speculative_generate
 from gsopt.engine.timing import StageTimer, stage
@@ -77,6 +77,20 @@ def _fms_generate(model, prompts, audio, max_new_tokens, stages: Stages, **commo
 
 def _static_generate(model, prompts, audio, max_new_tokens, stages: Stages, **common):
     plan = stages.plan
+    if plan.num_beams > 1:
+        return beam.beam_search(
+            model,
+            prompts,
+            audio,
+            max_new_tokens,
+            plan.num_beams,
+            check_every=plan.check_every,
+            prefill_bucket=plan.prefill_bucket,
+            max_seq_len=plan.max_seq_len,
+            prefill_step=stages.prefill,
+            step=stages.beam,
+            **common,
+        )
     return generate.generate(
         model,
         prompts,
@@ -106,7 +120,8 @@ class DecodePlan:
     the decode step needs fixed shapes (it is captured); `prefill_bucket` and
     `audio_buckets` pad shapes so compiled stages see few of them; `check_every` how often
     the decode loop syncs to look for end-of-text; `max_seq_len` sizes the static cache;
-    `speculation` the recipe's [speculate] table, if any."""
+    `speculation` the recipe's [speculate] table, if any; `num_beams` > 1 decodes by beam
+    search (`gsopt.engine.beam`), and is relaxed speculation's fallback."""
 
     cache: CacheKind = KV_CACHES["static"]
     fixed_span: bool = False
@@ -115,6 +130,7 @@ class DecodePlan:
     check_every: int = 8
     max_seq_len: int | None = None
     speculation: Speculation | None = None
+    num_beams: int = 1
 
 
 @dataclass(frozen=True)
@@ -129,9 +145,9 @@ class StageReport:
 
 @dataclass(frozen=True)
 class Stages:
-    """One callable per stage, and `verify` (the decode step k tokens wide); the plan that
-    feeds them; what the report says. With speculation: `ctc`, the encoder draft's stage,
-    or `draft`, a draft model with its own stages."""
+    """One callable per stage, `verify` (the decode step k tokens wide) and `beam` (the beam
+    search step); the plan that feeds them; what the report says. With speculation: `ctc`,
+    the encoder draft's stage, or `draft`, a draft model with its own stages."""
 
     frontend: Callable
     encoder: Callable
@@ -139,6 +155,7 @@ class Stages:
     prefill: Callable
     decode: Callable
     verify: Callable
+    beam: Callable
     plan: DecodePlan = DecodePlan()
     report: StageReport = StageReport()
     ctc: Callable | None = None
@@ -147,7 +164,7 @@ class Stages:
     @property
     def steps(self) -> Steps:
         """The decoder steps, as speculation calls them."""
-        return Steps(self.prefill, self.decode, self.verify, self.plan.fixed_span)
+        return Steps(self.prefill, self.decode, self.verify, self.plan.fixed_span, self.beam)
 
     @classmethod
     def eager(
@@ -161,6 +178,7 @@ class Stages:
             prefill=functools.partial(generate.prefill, attn_name=attn_name),
             decode=functools.partial(generate.decode_one_token, attn_name=attn_name),
             verify=functools.partial(generate.verify, attn_name=attn_name),
+            beam=functools.partial(beam.beam_step, attn_name=attn_name),
             plan=plan,
             **fields,
         )
@@ -313,6 +331,7 @@ class Pipeline:
             ctc_threshold=spec.ctc_threshold,
             confidence_threshold=spec.confidence_threshold,
             steps=stages.steps,
+            fallback_beams=stages.plan.num_beams,
             stop_at_eos=stop_at_eos,
             prefill_bucket=stages.plan.prefill_bucket,
             max_seq_len=stages.plan.max_seq_len,

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from gsopt.engine import beam as beams
 from gsopt.engine import generate as engine
 from gsopt.engine.drafts import DRAFT_KINDS, DraftKind
 from gsopt.engine.timing import StageTimer, stage
@@ -110,13 +111,14 @@ class SpeculationStats:
 
 @dataclass(frozen=True)
 class Steps:
-    """The decoder steps speculation calls: `gsopt.engine.generate`'s functions, or compiled or
-    captured versions of them."""
+    """The decoder steps speculation calls: `gsopt.engine.generate`'s functions and the beam
+    search step (the relaxed mode's fallback), or compiled or captured versions of them."""
 
     prefill: Callable = engine.prefill
     decode: Callable = engine.decode_one_token
     verify: Callable = engine.verify
     fixed_span: bool = False
+    beam: Callable = beams.beam_step
 
 
 def accepted_prefix(greedy: list[int], proposal: list[int]) -> int:
@@ -226,6 +228,7 @@ def speculative_generate(
     ctc_threshold: float = 0.5,
     confidence_threshold: float = 0.01,
     steps: Steps = Steps(),
+    fallback_beams: int = 1,
     stop_at_eos: bool = True,
     prefill_bucket: int = 1,
     max_seq_len: int | None = None,
@@ -235,7 +238,9 @@ def speculative_generate(
     """Greedy tokens [B, max_new_tokens] as `gsopt.engine.generate.generate` gives them (rows past
     their end-of-text hold end-of-text), from fewer decoder forwards. Give `drafts` (a token
     list per row; empty: none) or `draft_model` = (model, steps, prompts, audio_embeds);
-    `confidences` are the CTC drafts' per row, for the relaxed mode."""
+    `confidences` are the CTC drafts' per row, for the relaxed mode, whose rows that fall
+    back are decoded by beam search from the prompt when `fallback_beams` > 1 (as IBM's
+    leaderboard runs do: `generate(num_beams=2)`); otherwise they go on exactly."""
     stats = stats if stats is not None else SpeculationStats()
     eos, device = model.config.eos_token_id, model.decoder.head.weight.device
     batch = len(prompts)
@@ -271,6 +276,7 @@ def speculative_generate(
             ctc_threshold,
             confidence_threshold,
             steps,
+            fallback_beams,
             stop_at_eos,
             prefill_bucket,
             max_seq_len,
@@ -298,6 +304,7 @@ def _speculate(
     ctc_threshold,
     confidence_threshold,
     steps,
+    fallback_beams,
     stop_at_eos,
     prefill_bucket,
     max_seq_len,
@@ -352,6 +359,24 @@ def _speculate(
                 records[row].accepted = len(draft)
                 continue
         exact_rows.append(row)
+    if exact_rows and mode == "relaxed" and fallback_beams > 1:
+        _beam_fallback(
+            model,
+            prompts,
+            audio_embeds,
+            max_new_tokens,
+            exact_rows,
+            outputs,
+            records,
+            fallback_beams,
+            steps,
+            stop_at_eos,
+            prefill_bucket,
+            max_seq_len,
+            stats,
+            timer,
+        )
+        return outputs, records
     # Each row goes on from its last token, at the position after its accepted run.
     positions = [int(prompt_lengths[r]) + len(outputs[r]) - 1 for r in range(batch)]
     if draft_model is not None:
@@ -376,6 +401,52 @@ def _speculate(
             timer,
         )
     return outputs, records
+
+
+def _beam_fallback(
+    model,
+    prompts,
+    audio_embeds,
+    max_new_tokens,
+    rows,
+    outputs,
+    records,
+    num_beams,
+    steps,
+    stop_at_eos,
+    prefill_bucket,
+    max_seq_len,
+    stats,
+    timer,
+) -> None:
+    """IBM's fallback: `rows` decoded afresh from their prompts by beam search, in a batch of
+    their own."""
+    device, eos = model.decoder.head.weight.device, model.config.eos_token_id
+    audio = audio_embeds
+    if audio is not None and len(rows) < len(prompts):
+        audio = audio.index_select(0, torch.tensor(rows, device=device))
+
+    def forward(computed: int) -> None:
+        stats.count_forward(computed)
+        for r in rows:
+            records[r].forwards += 1
+
+    tokens = beams.beam_search(
+        model,
+        [prompts[r] for r in rows],
+        audio,
+        max_new_tokens,
+        num_beams,
+        stop_at_eos=stop_at_eos,
+        prefill_bucket=prefill_bucket,
+        max_seq_len=max_seq_len,
+        prefill_step=steps.prefill,
+        step=steps.beam,
+        on_forward=forward,
+        timer=timer,
+    )
+    for r, out in zip(rows, engine.truncate_at_eos(tokens.cpu(), eos), strict=True):
+        outputs[r] = out
 
 
 def ctc_confident(draft: list[int], confidence: float, ctc_threshold: float) -> bool:

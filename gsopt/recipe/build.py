@@ -73,6 +73,7 @@ def _speech_llm_stages(model, recipe: Recipe, device, notes: list[str], draft_mo
         check_every=recipe.check_every,
         max_seq_len=recipe.max_seq_len,
         speculation=recipe.speculate,
+        num_beams=recipe.num_beams,
     )
     eager = Stages.eager(model, plan, attn_name=impls["decode"].load())
     cpu = device.type != "cuda"
@@ -80,8 +81,9 @@ def _speech_llm_stages(model, recipe: Recipe, device, notes: list[str], draft_mo
         stage: wrap(getattr(eager, stage), settings[stage], stage in GEMV_STAGES and cpu)
         for stage in model_stages
     }
-    # The decode step, k tokens wide.
+    # The decode step k tokens wide, and the beam search step: compiled as decode is.
     wrapped["verify"] = wrap(eager.verify, settings["decode"], cpu)
+    wrapped["beam"] = wrap(eager.beam, settings["decode"], cpu)
     draft = {}
     if recipe.speculate is not None:
         changed.update(("prefill", "decode"))
