@@ -5,6 +5,7 @@ transformers' encoder, IBM's relaxed decisions, and one-line refusals of bad inp
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -447,3 +448,25 @@ def test_ctc_bpe_without_out_llm_is_refused(capsys, tmp_path):
     recipe.write_text('kv_cache = "static"\n[speculate]\ndraft = "ctc-bpe"\n')
     err = one_line_error(capsys, "transcribe", "--recipe", str(recipe), "--max-new-tokens", "4")
     assert "out_llm.safetensors" in err
+
+
+def test_each_rows_decision_reaches_transcribe_json_and_apply(tmp_path, capsys):
+    """A relaxed recipe whose every non-empty draft is confident: transcribe --json names each
+    row's decision and its zero decoder forwards; apply's report lists them too."""
+    recipe = tmp_path / "confident.toml"
+    recipe.write_text(
+        'kv_cache = "static"\n[speculate]\ndraft = "ctc"\nmode = "relaxed"\nctc_threshold = 1e3\n'
+    )
+    common = ["--model", "tiny", "--recipe", str(recipe), "--max-new-tokens", "8"]
+    capsys.readouterr()
+    assert main(["transcribe", *common, "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    speculation = result["batch"]["speculation"]
+    assert speculation["rows"] == [dict(decision="accepted", drafted=7, accepted=7, forwards=0)]
+    assert speculation["forwards"] == 0 and "prefill" not in result["batch"]["stages"]
+    out = tmp_path / "report"
+    assert main(["apply", *common, "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["speculation"]["rows"][0]["decision"] == "accepted"
+    markdown = (out / "report.md").read_text()
+    assert "Each row, last call: row 0 accepted (7 of 7 draft tokens kept, 0 forwards)" in markdown

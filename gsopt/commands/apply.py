@@ -50,7 +50,8 @@ def stage_rows(
             base = [c.stage_s(stage) for c in eager[1:]]
             mine = [c.stage_s(stage) for c in optimised[1:]]
         changed = stage in stages.report.changed
-        spread = ratio_spread(base, mine) if changed and min(base) > 0 else None
+        # A stage the recipe skipped (no decoder work for confident rows) has no ratio.
+        spread = ratio_spread(base, mine) if changed and min(base) > 0 and min(mine) > 0 else None
         first = optimised[0].stage_s(stage)
         steady = statistics.median(c.stage_s(stage) for c in optimised[1:])
         rows.append(
@@ -193,11 +194,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     if report["speculation"]:
         spec = report["speculation"]
+        per_forward = spec["tokens_per_forward"]
         lines.append(
             f"Speculation (all calls): {spec['drafted']} tokens drafted, {spec['accepted']} "
-            f"accepted, {spec['forwards']} decoder forwards, "
-            f"{spec['tokens_per_forward']:.2f} tokens per forward of a row."
+            f"accepted, {spec['forwards']} decoder forwards"
+            + (f", {per_forward:.2f} tokens per forward of a row." if per_forward else ".")
         )
+        rows = [
+            f"row {i} {r['decision']} ({r['accepted']} of {r['drafted']} draft tokens kept, "
+            f"{r['forwards']} forwards)"
+            for i, r in enumerate(spec["rows"])
+        ]
+        lines.append(f"Each row, last call: {'; '.join(rows)}.")
     if report["notes"]:
         lines += ["", "Fallbacks on this machine:", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
