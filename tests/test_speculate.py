@@ -24,7 +24,8 @@ from gsopt.engine.pipeline import Pipeline
 from gsopt.engine.speculate import SpeculationStats, Steps, relaxed_decision, speculative_generate
 from gsopt.model.encoder import encoder_frame_mask
 from gsopt.model.tokenizer import prompt_template, synthetic_tokenizer
-from gsopt.recipe import load_recipe
+from gsopt.recipe import build_pipeline, load_recipe
+from gsopt.recipe.settings import StageRecipe
 
 N = 24
 CTC_LABELS = 128  # a grapheme head over ASCII, so chr(label) is readable text
@@ -470,3 +471,18 @@ def test_each_rows_decision_reaches_transcribe_json_and_apply(tmp_path, capsys):
     assert report["speculation"]["rows"][0]["decision"] == "accepted"
     markdown = (out / "report.md").read_text()
     assert "Each row, last call: row 0 accepted (7 of 7 draft tokens kept, 0 forwards)" in markdown
+
+
+def test_oracle_drafts_with_confidences_through_the_pipeline(tiny):
+    """A benchmark's oracle drafts with set confidences: the confident row is its draft, the
+    other goes to the decoder alone."""
+    model = tiny[0]
+    eager = dataclasses.replace(load_recipe("speculative-ctc-relaxed"), decode=StageRecipe())
+    pipeline = build_pipeline(model, eager)
+    waves = [sample_audio()[:16000], sample_audio()[:24000]]
+    template = prompt_template(model.config)
+    tokens = pipeline(waves, template, 8, drafts=[[11, 12], [21]], confidences=[0.0, 9.0])
+    assert truncate_at_eos(tokens[:1], 0) == [[11, 12, 0]]
+    stats = pipeline.speculation_stats
+    assert [r.decision for r in stats.rows][0] == "accepted" and stats.rows[1].forwards >= 1
+    assert stats.row_forwards == stats.rows[1].forwards  # row 0 computed in none

@@ -232,12 +232,13 @@ class Pipeline:
         timer: StageTimer | None = None,
         record: dict[str, tuple] | None = None,
         drafts: list[list[int]] | None = None,
+        confidences: list[float] | None = None,
     ) -> torch.Tensor:
         """`stop_at_eos=False` decodes exactly max_new_tokens (benchmarks); `record`, when
         given, receives each stage's first arguments (what `gsopt explain` compiles);
-        `drafts`, each row's draft tokens in place of the CTC draft (a speculative recipe's
-        oracle drafts, for benchmarks)."""
-        confidences = None
+        `drafts`, each row's draft tokens in place of the CTC draft, and `confidences` their
+        CTC confidences (a speculative recipe's oracle drafts, for benchmarks; without them a
+        relaxed recipe judges oracle drafts by the verifying forward alone)."""
         model = self.model
         stages = self.stages if record is None else _recording(self.stages, record)
         audio, hidden, posteriors, frame_mask, frames = self.embed_audio(waveforms, stages, timer)
