@@ -477,7 +477,8 @@ def test_oracle_drafts_with_confidences_through_the_pipeline(tiny):
     """A benchmark's oracle drafts with set confidences: the confident row is its draft, the
     other goes to the decoder alone."""
     model = tiny[0]
-    eager = dataclasses.replace(load_recipe("speculative-ctc-relaxed"), decode=StageRecipe())
+    relaxed = load_recipe("speculative-ctc-relaxed")
+    eager = dataclasses.replace(relaxed, decode=StageRecipe(), devices={})
     pipeline = build_pipeline(model, eager)
     waves = [sample_audio()[:16000], sample_audio()[:24000]]
     template = prompt_template(model.config)
