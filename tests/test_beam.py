@@ -117,6 +117,9 @@ def test_one_compiled_graph_per_beam_count_writing_the_cache_in_place():
         tokens = beam_search(model, prompts, audio, N, beams, stop_at_eos=False, step=step)
         assert torch.equal(tokens, expected)
     assert (step.graphs, step.graph_breaks) == (2, 0)
+    # One prompt: every beam's window starts where all prompts end (no size-1 window).
+    alone = beam_search(model, prompts[:1], audio[:1], N, 2, stop_at_eos=False, step=step)
+    assert torch.equal(alone, beam_search(model, prompts[:1], audio[:1], N, 2, stop_at_eos=False))
     torch._dynamo.reset()  # shapes seen above made some dynamic: sizes would be symbols
     cache = setup_cache(model, 2, 64, max_seq_len=512)
     state = BeamState.new(1, 2, 8, model.config.decoder.src_vocab_size, 0, "cpu", True)

@@ -199,7 +199,9 @@ def beam_search(
                 break
             with stage(step_timer, "decode"), engine._guards_checked_once(i - 1):
                 span = cache.span(longest + i, False)
-                window = cache.kv_index[shortest : longest + i]
+                # From the last prompt position on (beams share it; a window of one
+                # position would be a size-1 dimension, specialised by the compiler).
+                window = cache.kv_index[shortest - 1 : longest + i]
                 torch._dynamo.maybe_mark_dynamic(window, 0)
                 step(model, state, positions, cache.layers, span, window)
             if on_forward is not None:
