@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import logging
+import os
 import sys
+import warnings
 from importlib.metadata import version
 
 from gsopt.errors import GsoptError
@@ -49,6 +52,12 @@ def parser_for(argv: list[str]) -> argparse.ArgumentParser:
     """The parser, with the named command's options added (the others list their help)."""
     parser = argparse.ArgumentParser(prog="gsopt", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"gsopt {version('gsopt')}")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' import-time warnings (torchao's missing CUDA kernels, "
+        "torch's pytree notices), which gsopt otherwise silences",
+    )
     subparsers = parser.add_subparsers(
         dest="command",
         required=True,
@@ -63,12 +72,37 @@ def parser_for(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Loggers that speak at import time about things a user of gsopt cannot act on: torchao's
+# CUDA-only extensions that a CPU build cannot load, torch's notes on deprecated pytree calls.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_libraries() -> None:
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # torch's AOT cache asks every tensor subclass (torchao's quantized weights) for a hash.
+    warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+
+
+def speak_once(command: str) -> None:
+    """gsopt's own log lines as `gsopt COMMAND: ...`, from one process of a torchrun job."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{command}: %(message)s"))
+    log = logging.getLogger("gsopt")
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if os.environ.get("RANK", "0") == "0" else logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = "gsopt"
     try:
         args = parser_for(argv).parse_args(argv)
         command = f"gsopt {args.command}"
+        speak_once(command)
+        if not args.verbose:
+            quiet_libraries()
         return args.run(args) or 0
     except GsoptError as e:
         print(f"{command}: error: {e}", file=sys.stderr)

@@ -158,15 +158,25 @@ def one_line_error(capsys, *argv: str) -> str:
     return err
 
 
+def test_int4_fits_its_group_size_to_a_narrow_model_and_says_so(capsys):
+    """tiny's 64-wide layers take group 64 where int4-decoder asks for 128."""
+    capsys.readouterr()
+    argv = ["transcribe", "--model", "tiny", "--recipe", "int4-decoder", "--max-new-tokens", "2"]
+    assert main([*argv, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "group_size 128 does not divide every width (64, 128); ran group_size 64" in err
+
+
 def test_bad_quantization_input_is_one_line(capsys, tmp_path):
     err = one_line_error(capsys, "apply", "--recipe", "fp8-decoder", "--model", "tiny")
     assert "float8" in err and "8.9" in err
     recipe = tmp_path / "int4.toml"
     recipe.write_text('kv_cache = "static"\n[quantize]\nweights = "int4"\ngroup_size = 128\n')
-    err = one_line_error(
-        capsys, "transcribe", "--model", "tiny", "--recipe", str(recipe), "--max-new-tokens", "2"
+    narrow = save_checkpoint(
+        reference_model(hf_config(hidden_size=48, intermediate_size=96)), tmp_path / "w48"
     )
-    assert "group_size = 128 does not divide the width 64" in err
+    err = one_line_error(capsys, "apply", "--recipe", str(recipe), "--model", str(narrow))
+    assert "group_size = 128 does not divide the width 48" in err and "weights = 'int8'" in err
     odd_vocab = save_checkpoint(reference_model(hf_config(vocab_size=328)), tmp_path / "v328")
     recipe.write_text(
         'kv_cache = "static"\n[quantize]\nweights = "int4"\ngroup_size = 32\nlm_head = true\n'

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from tabulate import tabulate
+from tqdm import tqdm
 
 from gsopt.audio.frontend import SAMPLE_RATE
 from gsopt.commands import options
@@ -186,10 +187,15 @@ def gsopt_points(model, stages, seconds: list[float], batches: list[int], strate
 
 
 def explain_gsopt(
-    model, seconds: list[float], batches: list[int], strategies: list[str], backend: str
+    model,
+    seconds: list[float],
+    batches: list[int],
+    strategies: list[str],
+    backend: str,
+    done: Callable[[StageReport], None] = lambda report: None,
 ) -> list[StageReport]:
     """Explain each stage once (the code is the same under every strategy), then sweep it
-    under each strategy."""
+    under each strategy; `done` is told of each report as it is finished."""
     stages = apply(model, load_recipe(DEFAULT_RECIPE))
     reports = []
     explained: dict[str, tuple] = {}
@@ -210,6 +216,7 @@ def explain_gsopt(
                 report=report,
             )
             reports.append(report)
+            done(report)
     return reports
 
 
@@ -319,9 +326,16 @@ def render(reports: list[StageReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The default sweep takes about two minutes on `tiny` on 2 CPU cores; --full is the long one.
+QUICK = {"audio_seconds": "1,10", "batch_size": "1,2"}
+FULL = {"audio_seconds": "1,3,10,30,60", "batch_size": "1,4"}
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    seconds, batches = _floats(args.audio_seconds), [int(b) for b in _floats(args.batch_size)]
+    sweep_ = FULL if args.full else QUICK
+    seconds = _floats(args.audio_seconds or sweep_["audio_seconds"])
+    batches = [int(b) for b in _floats(args.batch_size or sweep_["batch_size"])]
     strategies = args.strategy.split(",")
     for s in strategies:
         if s not in STRATEGIES:
@@ -337,9 +351,6 @@ def run(args: argparse.Namespace) -> int:
         source, device=device, dtype=torch.float32, lora="merged", memory_check=args.memory_check
     )
     recipe_notes = list(apply(model, recipe).report.notes) if recipe is not None else []
-    reports = explain_gsopt(model, seconds, batches, strategies, args.backend)
-    if not args.no_reference:
-        reports += explain_reference(model, seconds, batches, args.backend)
     payload = {
         "model": str(source),
         "recipe": args.recipe,
@@ -348,8 +359,23 @@ def run(args: argparse.Namespace) -> int:
         "batch": batches,
         "environment": environment(device),
         "notes": recipe_notes,
-        "stages": [asdict(r) for r in reports],
+        "complete": False,
+        "stages": [],
     }
+    cases = len(strategies) * len(family_of(model).stages) + (not args.no_reference)
+    with tqdm(total=cases, desc="explain", unit="case", file=sys.stderr, disable=None) as bar:
+
+        def done(report: StageReport) -> None:  # what finished is kept, if --out is given
+            payload["stages"].append(asdict(report))
+            if out is not None:
+                write_atomic(out, to_json(payload))
+            bar.update()
+
+        reports = explain_gsopt(model, seconds, batches, strategies, args.backend, done)
+        if not args.no_reference:
+            reports += explain_reference(model, seconds, batches, args.backend)
+            done(reports[-1])
+    payload["complete"] = True
     print(to_json(payload) if args.json else render(reports), end="")
     if out is not None:
         write_atomic(out, to_json(payload))
@@ -375,9 +401,19 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     options.add_model(parser)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument(
-        "--audio-seconds", default="1,3,10,30,60", metavar="S,...", help="sweep of clip lengths"
+        "--audio-seconds",
+        metavar="S,...",
+        help=f"sweep of clip lengths (default {QUICK['audio_seconds']}; "
+        f"--full: {FULL['audio_seconds']})",
     )
-    options.add_batch_size(parser, "sweep of batch sizes (comma list)", default="1,4")
+    options.add_batch_size(
+        parser,
+        f"sweep of batch sizes, a comma list (default {QUICK['batch_size']}; --full: "
+        f"{FULL['batch_size']})",
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="the full sweep (about 6 minutes on tiny, 2 cores)"
+    )
     parser.add_argument(
         "--strategy", default=",".join(STRATEGIES), help="exact, dynamic, buckets (comma list)"
     )

@@ -23,6 +23,7 @@ logit error instead of demanding identical tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,30 @@ def check(model, q: Quantization, device: torch.device) -> None:
 CPU_INT4_ROWS = 16
 
 
+def fit_group_size(model, q: Quantization) -> tuple[Quantization, str | None]:
+    """int4's group size fitted to the model: the largest allowed size, up to the one asked
+    for, that divides the width of every layer it quantizes (a small model's 64-wide layers
+    take 64 where a recipe asks for 128), and a note saying so when it differs."""
+    if q.weights != "int4":
+        return q, None
+    keep = _filter(q)
+    widths = {
+        sub.in_features
+        for module in _targets(model, q).values()
+        for name, sub in module.named_modules()
+        if keep(sub, name)
+    }
+    fitting = [g for g in GROUP_SIZES if g <= q.group_size and all(w % g == 0 for w in widths)]
+    if not fitting or fitting[-1] == q.group_size:
+        return q, None  # `check` names the layer a size cannot divide
+    size = fitting[-1]
+    note = (
+        f"quantize: group_size {q.group_size} does not divide every width "
+        f"({', '.join(map(str, sorted(widths)))}); ran group_size {size}"
+    )
+    return dataclasses.replace(q, group_size=size), note
+
+
 def _check_int4_shapes(model, q: Quantization, device: torch.device) -> None:
     keep = _filter(q)
     for stage, module in _targets(model, q).items():
@@ -116,10 +141,11 @@ def _check_int4_shapes(model, q: Quantization, device: torch.device) -> None:
             if not keep(sub, name):
                 continue
             if sub.in_features % q.group_size:
+                sizes = [str(g) for g in GROUP_SIZES if sub.in_features % g == 0]
+                fix = f"choose one of {', '.join(sizes)}" if sizes else "use weights = 'int8'"
                 raise GsoptError(
                     f"[quantize] group_size = {q.group_size} does not divide the width "
-                    f"{sub.in_features} of {stage}.{name}; choose one of "
-                    f"{', '.join(str(g) for g in GROUP_SIZES if sub.in_features % g == 0)}"
+                    f"{sub.in_features} of {stage}.{name}; {fix}"
                 )
             if device.type == "cpu" and sub.out_features % CPU_INT4_ROWS:
                 fix = "set lm_head = false" if name == "head" else "use weights = 'int8'"

@@ -21,6 +21,7 @@ import torch
 from gsopt.engine import attention
 from gsopt.engine.ctc_pipeline import CTCPipeline, CTCStages
 from gsopt.engine.pipeline import KV_CACHES, STAGES, DecodePlan, Pipeline, StageReport, Stages
+from gsopt.engine.quantize import fit_group_size
 from gsopt.errors import GsoptError
 from gsopt.model.family import family_of
 from gsopt.model.loader import load_draft_model
@@ -44,7 +45,11 @@ def _resolved(recipe: Recipe, device: torch.device, notes: list[str]):
     return settings, impls
 
 
-def _transform(model, recipe: Recipe, encoder_impl, changed: set[str]) -> None:
+def _transform(model, recipe: Recipe, encoder_impl, changed: set[str], notes: list[str]) -> None:
+    if recipe.quantize is not None:
+        fitted, note = fit_group_size(model, recipe.quantize)
+        recipe = dataclasses.replace(recipe, quantize=fitted)
+        notes += [note] if note else []
     for transform in model_transforms(recipe, model, encoder_impl):
         if transform.changes(model):
             changed.update(transform.stages)
@@ -62,7 +67,7 @@ def _speech_llm_stages(model, recipe: Recipe, device, notes: list[str], draft_mo
         changed.update(("prefill", "decode"))
     if recipe.audio_buckets:
         changed.update(("frontend", "encoder", "projector"))
-    _transform(model, recipe, impls["encoder"], changed)
+    _transform(model, recipe, impls["encoder"], changed, notes)
     plan = DecodePlan(
         cache=cache,
         # A captured step replays fixed shapes: it attends over the whole cache, masked.
@@ -141,7 +146,7 @@ def _ctc_stages(model, recipe: Recipe, device, notes: list[str], draft_model) ->
     changed = {s for s in model_stages if settings[s].backend != "eager"}
     if recipe.audio_buckets:
         changed.update(model_stages)
-    _transform(model, recipe, impls["encoder"], changed)
+    _transform(model, recipe, impls["encoder"], changed, notes)
     eager = CTCStages.eager(model)
     labels = {s: describe(settings[s]) for s in model_stages}
     return CTCStages(
