@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 
 import pytest
@@ -303,3 +304,32 @@ def test_onednn_linears_on_cpu_keep_tokens_and_one_decode_graph(eager_tokens):
     assert torch.equal(Pipeline(model, stages)(waves(), TEMPLATE, 24), eager_tokens)
     assert stages.decode.graphs == 1 and stages.decode.graph_breaks == 0
     assert "decode" in stages.report.changed and "encoder" in stages.report.changed
+
+
+CORRUPT_CACHE = """
+import torch
+from gsopt.recipe.compile import CompiledStage
+from gsopt.recipe.settings import StageRecipe
+step = CompiledStage(lambda x: (x * 2).sin() + 1)
+print(float(step(torch.ones(8)).sum()))
+"""
+
+
+def test_a_corrupt_compile_cache_is_named_and_compiled_around(tmp_path):
+    """A killed run can leave broken files in inductor's cache; the next run says so in one
+    line and compiles again in a fresh private cache."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    run = [sys.executable, "-c", CORRUPT_CACHE]
+    first = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    built = list((tmp_path / "cache").rglob("*.so"))
+    assert built
+    for path in built:
+        path.write_bytes(b"not a shared object")
+    again = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout == first.stdout
+    assert f"the compile cache at {tmp_path / 'cache'} looks corrupt" in again.stderr

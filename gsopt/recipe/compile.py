@@ -8,6 +8,9 @@ machine runs, noting each fallback.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +19,7 @@ import torch
 from gsopt.engine import cpu_gemv
 from gsopt.recipe.settings import StageRecipe
 
+log = logging.getLogger(__name__)
 # Stages whose compiled CPU code computes weight-times-few-rows products (`cpu_gemv`).
 GEMV_STAGES = ("prefill", "decode")
 
@@ -40,7 +44,12 @@ class CompiledStage:
 
     def __call__(self, *args):
         before = _counters()
-        out = self.fn(*args)
+        try:
+            out = self.fn(*args)
+        except Exception as error:
+            if not _compile_failure(error) or not _fresh_cache(error):
+                raise
+            out = self.fn(*args)
         new_graphs, new_breaks, new_skips = (
             after - then for after, then in zip(_counters(), before, strict=True)
         )
@@ -51,6 +60,41 @@ class CompiledStage:
         self.cudagraph_skips += new_skips
         self.calls += 1
         return out
+
+
+def _compile_failure(error: Exception) -> bool:
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import InductorError
+
+    return isinstance(error, BackendCompilerFailed | InductorError)
+
+
+_fresh_caches: list[str] = []
+
+
+def _fresh_cache(error: Exception) -> bool:
+    """After inductor failed to build or load code, once per process: a killed run can leave
+    half-written files in the shared cache (an `invalid ELF header` on the next start).
+    Compile again in a fresh private cache; a real compiler bug fails there too and is
+    raised as it is."""
+    if _fresh_caches:
+        return False
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor.utils import clear_inductor_caches
+
+    stale = cache_dir()
+    _fresh_caches.append(tempfile.mkdtemp(prefix="gsopt-inductor-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _fresh_caches[0]
+    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    log.warning(
+        "the compile cache at %s looks corrupt (%s); compiling again in %s",
+        stale,
+        first or type(error).__name__,
+        _fresh_caches[0],
+    )
+    torch._dynamo.reset()
+    clear_inductor_caches()
+    return True
 
 
 def portable(stage: str, settings: StageRecipe, device: torch.device, notes: list[str]):
