@@ -149,3 +149,37 @@ def test_memory_bound_step_stays_under_its_read_ceiling(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["roofline"]["bytes_per_step"] > 100e6
     assert 0.1 < row["roofline"]["mbu"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "recorded", ["cpu-tiny-3s-n32.json", "cpu-real-width-10s-b1-n32-speculation.json"]
+)
+def test_every_chart_of_a_recorded_bench_is_readable(recorded):
+    """Each chart from a committed bench record: a sensible size at 110 dpi, and no two tick
+    labels (nor a tick label and the legend) overlapping, by matplotlib's own extents."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    rows = json.loads((Path(__file__).parents[1] / "bench" / "results" / recorded).read_text())
+    figures = report.figures(rows["rows"])
+    assert {"stages.png", "speedup.png", "mbu.png"} <= set(figures)
+    assert ("speculation.png" in figures) == ("speculation" in recorded)
+    for name, fig in figures.items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        width, height = (fig.get_size_inches() * 110).round()
+        assert 500 <= width <= 1600 and 300 <= height <= 1600, (name, width, height)
+        for ax in fig.axes:
+            boxes = [
+                label.get_window_extent(renderer)
+                for label in [*ax.get_yticklabels(), *ax.get_xticklabels()]
+                if label.get_text()
+            ]
+            legend = ax.get_legend()
+            if legend is not None:
+                boxes.append(legend.get_window_extent(renderer))
+            for i, a in enumerate(boxes):
+                for b in boxes[i + 1 :]:
+                    assert not a.overlaps(b), (name, a, b)
+        plt.close(fig)

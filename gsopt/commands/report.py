@@ -179,102 +179,128 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """Stacked stage time, speed-ups vs the baselines, and MBU against the read ceiling
-    (100%). One bar per (point, row); no charts when no row ran."""
+# Readable at 100% zoom: labels at 9 pt, a row of bars 0.32 inch tall.
+FONT = 9
+ROW_INCHES = 0.32
+OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # a legend beside the bars
+
+
+def _rows_figure(plt, rows: int):
+    fig, ax = plt.subplots(figsize=(9, 1.2 + ROW_INCHES * rows))
+    ax.tick_params(labelsize=FONT)
+    return fig, ax
+
+
+def _wide(values: list[float]) -> bool:
+    """A range wide enough that a linear axis would flatten the small bars."""
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > 20
+
+
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no screen
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def charts(rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """`figures` as PNG files' bytes."""
+    plt = _pyplot()
+    out = {}
+    for name, fig in figures(rows).items():
+        out[name] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Time per stage and speed-ups as horizontal bars, grouped by sweep point (one bar a
+    recipe; a log axis when the range is wide), MBU against the read ceiling, and, for
+    oracle-draft rows, speed-up against draft accuracy as one line per sweep point. No
+    charts when no row ran."""
+    plt = _pyplot()
     ok = [r for r in rows if r["error"] is None]
     if not ok:
         return {}
-    labels = [f"{r['name']}\n{_point(r)}" for r in ok]
-    out: dict[str, bytes] = {}
+    out: dict[str, Any] = {}
+    ordered = sorted(ok, key=lambda r: (_point(r), r["name"]))
+    labels = [f"{r['name']}  [{_point(r)}]" for r in ordered]
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4.5))
-    bottom = [0.0] * len(ok)
-    for s in stage_names(ok):
-        values = [r["stages"].get(s, {"median_ms": 0.0})["median_ms"] for r in ok]
-        ax.bar(labels, values, bottom=bottom, label=s)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("median ms per call")
-    ax.set_title(
-        "Time per stage (transformers rows: encoder + projector + prefill are one forward)"
-    )
-    ax.legend()
-    ax.tick_params(axis="x", labelsize=7, rotation=30)
-    out["stages.png"] = _png(fig)
-    plt.close(fig)
+    fig, ax = _rows_figure(plt, len(ordered))
+    left = [0.0] * len(ordered)
+    for stage in stage_names(ordered):
+        values = [r["stages"].get(stage, {"median_ms": 0.0})["median_ms"] for r in ordered]
+        ax.barh(labels, values, left=left, label=stage)
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    if _wide(left):
+        ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("median ms per call (stacked by stage)", fontsize=FONT)
+    ax.set_title("Time per stage (transformers rows: one forward, shown as prefill)", fontsize=FONT)
+    ax.legend(fontsize=FONT, **OUTSIDE)
+    out["stages.png"] = fig
 
-    recipes = [r for r in ok if r["kind"] == "recipe"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(recipes)), 4.5))
-    refs = ("vs_eager", "vs_transformers-eager", "vs_transformers-static-compile")
-    width = 0.8 / len(refs)
-    for i, ref in enumerate(refs):
-        ax.bar(
-            [j + i * width for j in range(len(recipes))],
-            [r["speedup"][ref] or 0.0 for r in recipes],
-            width,
-            label=ref.replace("vs_", "vs "),
-        )
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + width for j in range(len(recipes))])
-    ax.set_xticklabels([f"{r['name']}\n{_point(r)}" for r in recipes], fontsize=7, rotation=30)
-    ax.set_ylabel("speed-up (ratio of end-to-end medians)")
-    ax.set_title("Speed-up per recipe")
-    ax.legend()
-    out["speedup.png"] = _png(fig)
-    plt.close(fig)
+    recipes = [r for r in ordered if r["kind"] == "recipe"]
+    if recipes:
+        refs = ("vs_eager", "vs_transformers-eager", "vs_transformers-static-compile")
+        fig, ax = _rows_figure(plt, len(recipes) * 1.5)
+        height = 0.8 / len(refs)
+        for i, ref in enumerate(refs):
+            ax.barh(
+                [j + i * height for j in range(len(recipes))],
+                [r["speedup"][ref] or 0.0 for r in recipes],
+                height,
+                label=ref.replace("vs_", "vs "),
+            )
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks([j + height for j in range(len(recipes))])
+        ax.set_yticklabels([f"{r['name']}  [{_point(r)}]" for r in recipes], fontsize=FONT)
+        ax.invert_yaxis()
+        ax.set_xlabel("speed-up (ratio of end-to-end medians)", fontsize=FONT)
+        ax.set_title("Speed-up per recipe", fontsize=FONT)
+        ax.legend(fontsize=FONT, **OUTSIDE)
+        out["speedup.png"] = fig
 
     oracle = [r for r in ok if r.get("draft_accuracy") is not None]
     if oracle:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        right = ax.twinx()
-        for name in sorted({r["name"].partition("@")[0] for r in oracle}):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.tick_params(labelsize=FONT)
+        lines = sorted({(r["name"].partition("@")[0], _point(r)) for r in oracle})
+        for name, point in lines:
             mine = sorted(
-                (r for r in oracle if r["name"].startswith(f"{name}@")),
+                (r for r in oracle if r["name"].startswith(f"{name}@") and _point(r) == point),
                 key=lambda r: r["draft_accuracy"],
             )
-            accuracy = [r["draft_accuracy"] for r in mine]
             ax.plot(
-                accuracy,
+                [r["draft_accuracy"] for r in mine],
                 [_vs(r, rows, "compile-decoder") or 0.0 for r in mine],
                 "o-",
-                label=f"{name}: speed-up vs compile-decoder",
-            )
-            right.plot(
-                accuracy,
-                [r["speculation"]["tokens_per_forward"] for r in mine],
-                "s--",
-                color="gray",
-                label=f"{name}: tokens per forward",
+                label=f"{name} [{point}]",
             )
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xlabel("draft accuracy (fraction of the greedy tokens kept)")
-        ax.set_ylabel("end-to-end speed-up vs compile-decoder")
-        right.set_ylabel("tokens per decoder forward")
-        ax.set_title("Speculative decoding against draft accuracy")
-        ax.legend(loc="upper left", fontsize=7)
-        right.legend(loc="lower right", fontsize=7)
-        out["speculation.png"] = _png(fig)
-        plt.close(fig)
+        ax.set_xlabel("draft accuracy (fraction of the greedy tokens kept)", fontsize=FONT)
+        ax.set_ylabel("end-to-end speed-up vs compile-decoder", fontsize=FONT)
+        ax.set_title("Speculative decoding against draft accuracy", fontsize=FONT)
+        ax.legend(fontsize=FONT)
+        out["speculation.png"] = fig
 
-    measured = [r for r in ok if r.get("roofline")]
+    measured = [r for r in ordered if r.get("roofline")]
     if not measured:  # no decode step (Granite Speech 5.0): no roofline to draw
         return out
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(measured)), 4.5))
+    fig, ax = _rows_figure(plt, len(measured))
     values = [100 * r["roofline"]["mbu"] for r in measured]
-    bars = ax.bar([f"{r['name']}\n{_point(r)}" for r in measured], values)
-    ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], fontsize=7)
-    ax.axhline(100.0, color="red", linestyle="--", label="read ceiling (100%)")
-    ax.set_ylabel("decode MBU, % of the measured read ceiling")
-    ax.set_title("Decode bandwidth utilisation")
-    ax.legend()
-    ax.tick_params(axis="x", labelsize=7, rotation=30)
-    out["mbu.png"] = _png(fig)
-    plt.close(fig)
+    bars = ax.barh([f"{r['name']}  [{_point(r)}]" for r in measured], values)
+    ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], fontsize=FONT)
+    ax.axvline(100.0, color="red", linestyle="--", label="read ceiling (100%)")
+    ax.set_xlim(0, 115)
+    ax.invert_yaxis()
+    ax.set_xlabel("decode MBU, % of the measured read ceiling", fontsize=FONT)
+    ax.set_title("Decode bandwidth utilisation", fontsize=FONT)
+    ax.legend(fontsize=FONT, **OUTSIDE)
+    out["mbu.png"] = fig
     return out
 
 
