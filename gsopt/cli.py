@@ -48,9 +48,17 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _OneLine(argparse.ArgumentParser):
+    """A usage mistake is one line, as every other user error is (argparse prints the whole
+    usage block first; --help still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser_for(argv: list[str]) -> argparse.ArgumentParser:
     """The parser, with the named command's options added (the others list their help)."""
-    parser = argparse.ArgumentParser(prog="gsopt", description=DESCRIPTION)
+    parser = _OneLine(prog="gsopt", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"gsopt {version('gsopt')}")
     parser.add_argument(
         "--verbose",
@@ -61,7 +69,7 @@ def parser_for(argv: list[str]) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(
         dest="command",
         required=True,
-        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_Defaults),
+        parser_class=functools.partial(_OneLine, formatter_class=_Defaults),
     )
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help) in COMMANDS.items():
@@ -98,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = "gsopt"
     try:
-        args = parser_for(argv).parse_args(argv)
+        try:
+            args = parser_for(argv).parse_args(argv)
+        except SystemExit as done:  # --help, --version, or a usage mistake (one line)
+            return done.code if isinstance(done.code, int) else 2
         command = f"gsopt {args.command}"
         speak_once(command)
         if not args.verbose:

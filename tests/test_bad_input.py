@@ -118,11 +118,8 @@ def test_reports_are_strict_json_with_the_umask_permissions(capsys, tmp_path):
 
 
 def test_version_and_help(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["--version"])
-    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("gsopt ")
-    with pytest.raises(SystemExit):
-        main(["bench", "--help"])
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("gsopt ")
+    assert main(["bench", "--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: 10)" in text and "transformers" in text and "--batch-size" in text
 
@@ -215,3 +212,49 @@ def test_an_ignored_draft_model_is_a_warning(capsys):
     capsys.readouterr()
     assert main(["transcribe", "--model", "tiny", "--draft-model", "tiny", "--quiet"]) == 0
     assert "warning: --draft-model is ignored" in capsys.readouterr().err
+
+
+def test_usage_mistakes_and_unusable_numbers_are_one_line(capsys):
+    err = one_line_error(capsys, "apply", "--recipe", "eager", "--repeats", "abc")
+    assert "invalid int value: 'abc' (see gsopt apply --help)" in err
+    assert "arguments are required: command" in one_line_error(capsys)
+    err = one_line_error(capsys, "bench", "--model", "tiny", "--audio-seconds", "nan")
+    assert "every value must be a finite number" in err
+    err = one_line_error(capsys, "explain", "--model", "tiny", "--audio-seconds", "0")
+    assert "above 0" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["apply", "--recipe", "eager", "--model", "tiny"],
+        ["bench", "--model", "tiny"],
+        ["explain", "--model", "tiny"],
+        ["eval", "--manifest", "MANIFEST", "--model", "tiny"],
+    ],
+)
+def test_an_unwritable_output_is_refused_before_the_run(capsys, tmp_path, argv):
+    """Found at the start, not after minutes of results: an --out under a regular file."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "x.wav", "text": "x"}\n')
+    argv = [str(manifest) if a == "MANIFEST" else a for a in argv]
+    err = one_line_error(capsys, *argv, "--out", str(blocker / "out"))
+    assert "is not a writable folder" in err
+
+
+def test_report_output_is_checked_before_reading_writing(capsys, tmp_path):
+    results = os.path.join(os.path.dirname(__file__), "..", "bench", "results")
+    recorded = os.path.join(results, "cpu-tiny-3s-n32.json")
+    err = one_line_error(capsys, "report", recorded, "--out", recorded)
+    assert "exists and is not a folder" in err
+
+
+def test_a_compiling_recipe_says_so_and_library_noise_is_silenced(capsys):
+    capsys.readouterr()
+    argv = ["transcribe", "--model", "tiny", "--recipe", "int8-decoder", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "compiling int8-decoder's stages" in err
+    assert "Failed to load" not in err and "Enum subclass" not in err

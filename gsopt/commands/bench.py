@@ -442,17 +442,6 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         }
 
 
-def _numbers(flag: str, text: str, kind: type, minimum: float) -> list:
-    """A comma list of numbers, each at least `minimum` (one-line errors otherwise)."""
-    try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise GsoptError(f"{flag} {text!r}: expected comma-separated numbers") from None
-    if not values or min(values) < minimum:
-        raise GsoptError(f"{flag} {text!r}: every value must be at least {minimum}")
-    return values
-
-
 def _peers(text: str) -> list[str]:
     names = [] if text == "none" else [p for p in text.split(",") if p]
     for name in names:
@@ -478,9 +467,9 @@ def run(args: argparse.Namespace) -> int:
         args.profile = check_output(args.profile, folder=True, flag="--profile")
     config = load_config(source)
     peers = _peers(args.peers)
-    seconds = _numbers("--audio-seconds", args.audio_seconds, float, 0.1)
-    batches = _numbers("--batch-size", args.batch_size, int, 1)
-    new_tokens = _numbers("--max-new-tokens", args.max_new_tokens, int, 1)
+    seconds = options.numbers("--audio-seconds", args.audio_seconds, float, 0.1)
+    batches = options.numbers("--batch-size", args.batch_size, int, 1)
+    new_tokens = options.numbers("--max-new-tokens", args.max_new_tokens, int, 1)
     template = prompt_template(config) if family_of(config).decoder else []
     if not template:  # a CTC model has a forward to time, no generate to compile
         peers = [p for p in peers if p == "transformers-eager"]
@@ -493,8 +482,9 @@ def run(args: argparse.Namespace) -> int:
                 "shorter audio or fewer new tokens"
             )
     points = [(s, b, n) for s in seconds for b in batches for n in new_tokens]
+    accuracy = args.draft_accuracy
     args.draft_accuracy = (
-        _numbers("--draft-accuracy", args.draft_accuracy, float, 0.0) if args.draft_accuracy else []
+        options.numbers("--draft-accuracy", accuracy, float, 0.0) if accuracy else []
     )
     if any(a > 1 for a in args.draft_accuracy):
         raise GsoptError("--draft-accuracy: every value must be at most 1")

@@ -274,16 +274,6 @@ def explain_reference(
 # --- the command -----------------------------------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise GsoptError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise GsoptError(f"expected positive numbers, got {text!r}")
-    return values
-
-
 def render(reports: list[StageReport]) -> str:
     rows = [
         [
@@ -334,8 +324,10 @@ FULL = {"audio_seconds": "1,3,10,30,60", "batch_size": "1,4"}
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     sweep_ = FULL if args.full else QUICK
-    seconds = _floats(args.audio_seconds or sweep_["audio_seconds"])
-    batches = [int(b) for b in _floats(args.batch_size or sweep_["batch_size"])]
+    seconds = options.numbers(
+        "--audio-seconds", args.audio_seconds or sweep_["audio_seconds"], float, 0, above=True
+    )
+    batches = options.numbers("--batch-size", args.batch_size or sweep_["batch_size"], int, 1)
     strategies = args.strategy.split(",")
     for s in strategies:
         if s not in STRATEGIES:

@@ -4,6 +4,7 @@ and fails the same way in every command that takes it."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from gsopt.errors import GsoptError
@@ -125,6 +126,19 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
 def recipe_files(names: list[str]) -> list[str]:
     """The recipes given as files (inputs an output must not overwrite)."""
     return [name for name in names if name.endswith(".toml")]
+
+
+def numbers(flag: str, text: str, kind: type, minimum: float, above: bool = False) -> list:
+    """A comma list of finite numbers, each at least `minimum` (`above`: more than it)."""
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise GsoptError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    low = (lambda v: v <= minimum) if above else (lambda v: v < minimum)
+    if not values or any(not math.isfinite(v) or low(v) for v in values):
+        bound = f"above {minimum}" if above else f"at least {minimum}"
+        raise GsoptError(f"{flag} {text!r}: every value must be a finite number {bound}")
+    return values
 
 
 def at_least(flag: str, value: int | float, minimum: int | float) -> None:
