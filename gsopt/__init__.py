@@ -22,6 +22,8 @@ _EXPORTS = {
     "GraniteSpeechConfig": "gsopt.model.config",
     "get_variant": "gsopt.model.family",
     "GraniteSpeech": "gsopt.model.granite_speech",
+    "Transcriber": "gsopt.transcription.transcriber",
+    "transcribe": "gsopt.transcription.api",
 }
 
 __all__ = sorted(_EXPORTS)

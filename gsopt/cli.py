@@ -98,7 +98,6 @@ def speak_once(command: str) -> None:
     handler.setFormatter(logging.Formatter(f"{command}: %(message)s"))
     log = logging.getLogger("gsopt")
     log.handlers[:] = [handler]
-    log.propagate = False
     log.setLevel(logging.WARNING if os.environ.get("RANK", "0") == "0" else logging.ERROR)
 
 

@@ -57,7 +57,8 @@ def test_budgets_name_what_ran_out(capsys, wav):
     err = one_line_error(capsys, "transcribe", clip, "--max-new-tokens", "100000")
     assert "leave no room for audio" in err and "--max-new-tokens" in err
     err = one_line_error(capsys, "transcribe", clip, "--max-new-tokens", "7900")
-    assert "40.0 s of audio is longer than this model allows" in err
+    assert "--chunk-length 30: 30.0 s of audio is longer than this model allows" in err
+    assert "lower --chunk-length or --max-new-tokens" in err
 
 
 @pytest.mark.parametrize(

@@ -300,7 +300,7 @@ def write_bad_inputs(folder: Path) -> dict[str, Path]:
         ("empty", r"empty\.wav: the audio clip is empty"),
         (
             "long",
-            r"forty_seconds\.wav: 40\.0 s of audio is longer than this model allows "
+            r"--chunk-length 30: 30\.0 s of audio is longer than this model allows "
             r"\(\d+\.\d s: 512 positions",
         ),
     ],
@@ -315,15 +315,16 @@ def test_bad_audio_is_one_line_naming_the_file(
 
 
 def test_long_clip_limit_is_exact(checkpoint, capsys, tmp_path):
-    """The limit the message states is the longest clip that fits: it passes the check."""
+    """A model with few positions (512): a clip longer than --chunk-length is windowed, and
+    the window limit the message states is the longest window that fits: it runs."""
     _, folder = checkpoint
     long_clip = write_bad_inputs(tmp_path)["long"]
-    err = one_line_error(capsys, long_clip, "--model", folder, "--max-new-tokens", 100)
+    err = one_line_error(capsys, long_clip, "--model", folder)
+    assert "--chunk-length 30: 30.0 s of audio is longer than this model allows" in err
     limit = float(re.search(r"allows \((\d+\.\d) s", err).group(1))
-    fitting = tmp_path / "fits.wav"
-    soundfile.write(fitting, speechlike(int(16000 * (limit - 0.05)), 16000, 0), 16000)
-    code, out, _ = run_cli(capsys, fitting, "--model", folder, "--max-new-tokens", 100, "--quiet")
-    assert code == 0 and out.startswith(str(fitting))
+    argv = [long_clip, "--model", folder, "--quiet"]
+    code, out, _ = run_cli(capsys, *argv, "--chunk-length", limit - 0.05)
+    assert code == 0 and out.startswith(str(long_clip))
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ resampling, so the resampler runs once and stereo costs no more than mono.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,92 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
             f"({MIN_SAMPLES} samples, 10 ms): nothing to transcribe"
         )
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+
+# Up to this length a file is decoded whole as load_audio decodes it (float32 at 16 kHz,
+# 115 MB for 30 minutes), so a recording gives the samples `transcribe` always gave; a longer
+# one is read block by block and kept as 16-bit samples (a 4-hour file: 460 MB).
+WHOLE_SECONDS = 1800.0
+BLOCK_SECONDS = 60
+DEFAULT_MAX_AUDIO_SECONDS = 4 * 3600.0
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A file's audio at 16 kHz, mono: float32 samples, or int16 for a long file (never
+    float64 and never at the file's own rate: a multi-hour recording stays small)."""
+
+    path: Path
+    samples: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples)
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        """Samples [start, end) as float32 in [-1, 1]."""
+        piece = self.samples[start:end]
+        if piece.dtype == np.int16:
+            piece = piece.astype(np.float32) / 32768.0
+        return torch.from_numpy(np.ascontiguousarray(piece, dtype=np.float32))
+
+
+def check_duration(path: Path, seconds: float, max_seconds: float) -> None:
+    if max_seconds and seconds > max_seconds:
+        raise GsoptError(
+            f"{path}: {seconds:.0f} s of audio is longer than --max-audio-seconds "
+            f"{max_seconds:g}; raise it (0: no cap) or cut the file"
+        )
+
+
+def read_recording(
+    path: str | os.PathLike, max_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+) -> Recording:
+    """A recording of any length up to `max_seconds` (0: no cap), refused from its header
+    before anything is decoded when the header says it is longer, and refused while it is
+    read when the header lied. A long file is read and resampled block by block (soxr's
+    streaming resampler) into 16-bit samples."""
+    path = Path(path)
+    seconds = check_audio_file(path)
+    check_duration(path, seconds, max_seconds)
+    if seconds <= WHOLE_SECONDS:
+        samples = load_audio(path).numpy()
+        check_duration(path, len(samples) / SAMPLE_RATE, max_seconds)
+        return Recording(path, samples)
+    return Recording(path, _read_blocks(path, max_seconds))
+
+
+def _read_blocks(path: Path, max_seconds: float) -> np.ndarray:
+    with soundfile.SoundFile(path) as f:
+        rate = f.samplerate
+        resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, quality="HQ")
+        out = np.empty(round(f.frames * SAMPLE_RATE / rate) + SAMPLE_RATE, dtype=np.int16)
+        filled = 0
+
+        def put(chunk: np.ndarray) -> None:
+            nonlocal out, filled
+            if filled + len(chunk) > len(out):  # the header said fewer frames than it holds
+                out = np.resize(out, max(2 * len(out), filled + len(chunk)))
+            out[filled : filled + len(chunk)] = np.clip(np.rint(chunk * 32767.0), -32768, 32767)
+            filled += len(chunk)
+            check_duration(path, filled / SAMPLE_RATE, max_seconds)
+
+        try:
+            for block in f.blocks(BLOCK_SECONDS * rate, dtype="float32", always_2d=True):
+                if not np.isfinite(block).all():
+                    raise GsoptError(
+                        f"{path}: holds NaN or infinite samples; repair or drop the file"
+                    )
+                put(resampler.resample_chunk(block.mean(axis=1, dtype=np.float32)))
+        except RuntimeError as exc:
+            reason = " ".join(getattr(exc, "error_string", str(exc)).split())
+            raise GsoptError(f"{path}: not a readable audio file ({reason})") from None
+        put(resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+    return out[:filled]
 
 
 def sample_audio() -> torch.Tensor:

@@ -11,7 +11,15 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
+from gsopt.audio.files import (
+    DEFAULT_MAX_AUDIO_SECONDS,
+    SAMPLE_AUDIO,
+    check_audio_file,
+    check_duration,
+)
+from gsopt.audio.windows import SEGMENTATIONS, check_chunking
 from gsopt.commands import options
 from gsopt.commands.options import one_recipe, recipe_files, recipe_list
 from gsopt.errors import GsoptError
@@ -22,7 +30,9 @@ from gsopt.model.memory import check_fits
 from gsopt.model.parallel import Layout, join
 from gsopt.results import check_output
 from gsopt.runtime import DEFAULT_RECIPE
-from gsopt.transcription import corpus
+from gsopt.transcription import corpus, writers
+from gsopt.transcription.longform import LongForm
+from gsopt.transcription.prompts import PROMPT_MODES, TASKS, Ask, language_code
 from gsopt.transcription.transcriber import (
     DEFAULT_MAX_NEW_TOKENS,
     Transcriber,
@@ -74,7 +84,13 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     )
     options.add_resume_anyway(group)
     options.add_device(parser)
-    options.add_max_new_tokens(parser, DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help=f"most tokens generated per file (default {DEFAULT_MAX_NEW_TOKENS}); per window "
+        "of a long recording (default 200 per 30 s, scaled)",
+    )
     options.add_json(parser)
     parser.add_argument(
         "--prompt",
@@ -85,6 +101,7 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parallel.add_argument(parser)
     options.add_memory_check(parser)
     options.add_quiet(parser)
+    add_long_form(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -112,22 +129,117 @@ def run(args: argparse.Namespace) -> int:
         layout.leave()
 
 
+def add_long_form(parser: argparse.ArgumentParser) -> None:
+    asks = parser.add_argument_group(
+        "what to ask", "the model cards' prompt forms (--prompt replaces them with its own text)"
+    )
+    asks.add_argument("--task", choices=TASKS, default="transcribe", help="what to do")
+    asks.add_argument("--language", metavar="CODE", help="the speech's language, e.g. en, fr")
+    asks.add_argument("--target-language", metavar="CODE", help="--task translate's target")
+    asks.add_argument(
+        "--keyword",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="a word or phrase to favour (keyword biasing; repeat for more)",
+    )
+    asks.add_argument(
+        "--prompt-mode",
+        choices=PROMPT_MODES,
+        default="default",
+        help="Granite Speech 4.1 Plus: speaker tags or word timestamps, parsed into the "
+        "result's speakers or words",
+    )
+    asks.add_argument("--prefix-text", metavar="TEXT", help="the answer's start (4.1 Plus)")
+    cuts = parser.add_argument_group(
+        "long recordings",
+        "a file longer than --chunk-length (or any run with one of these options) is cut "
+        "into windows that run in batches and are stitched back in time order",
+    )
+    cuts.add_argument(
+        "--chunk-length", type=float, default=30.0, metavar="S", help="longest window"
+    )
+    cuts.add_argument(
+        "--chunk-overlap", type=float, default=0.0, metavar="S", help="windows' shared audio"
+    )
+    cuts.add_argument(
+        "--segmentation",
+        choices=SEGMENTATIONS,
+        default="fixed",
+        help="fixed windows cut at the quietest 100 ms before each limit, or Silero VAD's "
+        "speech spans",
+    )
+    cuts.add_argument(
+        "--clip-timestamps", metavar="S,S,...", help="start,end,... seconds: only these ranges"
+    )
+    cuts.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=DEFAULT_MAX_AUDIO_SECONDS,
+        metavar="S",
+        help="longest recording accepted (0: no cap), refused from its header",
+    )
+    files = parser.add_argument_group("output files", "Whisper's formats, one file per input")
+    files.add_argument(
+        "-f", "--output-format", choices=writers.CHOICES, help="format (default all)"
+    )
+    files.add_argument(
+        "-o", "--output-dir", metavar="DIR", help="folder for <name>.<format> (default .)"
+    )
+    files.add_argument("--max-line-width", type=int, metavar="N", help="wrap subtitle lines")
+    files.add_argument("--max-line-count", type=int, metavar="N", help="lines per subtitle cue")
+
+
+def long_form_asked(args: argparse.Namespace) -> bool:
+    """Whether an option that only the long-form path serves was given."""
+    return (
+        args.output_format is not None
+        or args.output_dir is not None
+        or args.segmentation != "fixed"
+        or args.chunk_overlap != 0.0
+        or args.chunk_length != 30.0
+        or args.clip_timestamps is not None
+        or args.prompt_mode != "default"
+    )
+
+
+def _cut(args: argparse.Namespace) -> LongForm:
+    return LongForm(
+        segmentation=args.segmentation,
+        chunk_length=args.chunk_length,
+        chunk_overlap=args.chunk_overlap,
+        clip_timestamps=args.clip_timestamps,
+        max_audio_seconds=args.max_audio_seconds,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
 def _transcriber(args: argparse.Namespace, recipe: str, layout: Layout) -> Transcriber:
+    ask = Ask(
+        task=args.task,
+        language=language_code(args.language, "--language"),
+        target_language=language_code(args.target_language, "--target-language"),
+        keywords=tuple(args.keyword),
+        prompt_mode=args.prompt_mode,
+    )
     return Transcriber(
         args.model,
         recipe=recipe,
         device=layout.device(args.device),
         dtype=args.dtype,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         prompt=args.prompt,
         draft_model=args.draft_model,
         layout=layout,
         memory_check=args.memory_check,
+        ask=ask,
+        prefix_text=args.prefix_text,
     )
 
 
 def run_files(args: argparse.Namespace, names: list[str], layout: Layout) -> int:
-    """Every file through each recipe; one model load serves them all."""
+    """Every file through each recipe; one model load serves them all. A file longer than
+    --chunk-length, or a run with a long-form option, takes the windowed path."""
     if layout.replicas > 1:
         raise GsoptError(
             f"files run on one model: start {args.tp} torchrun process(es) for --tp {args.tp}, "
@@ -138,10 +250,24 @@ def run_files(args: argparse.Namespace, names: list[str], layout: Layout) -> int
     transcribers = [_transcriber(args, name, layout) for name in names]  # all checked first
     options.warn_unused_draft(args, [t.recipe for t in transcribers], "transcribe")
     first = transcribers[0]
+    paths = [Path(f) for f in args.files] if args.files else [SAMPLE_AUDIO]
+    cut = _cut(args)
+    check_chunking(cut.chunk_length, cut.chunk_overlap)
+    durations = [check_audio_file(path) for path in paths]
+    windowed = long_form_asked(args) or max(durations) > cut.chunk_length
+    folder, kinds = None, ()
+    if args.output_format is not None or args.output_dir is not None:
+        kinds = writers.formats(args.output_format or "all")
+        folder = check_output(args.output_dir or ".", folder=True, flag="--output-dir")
     if args.memory_check:
-        rows = min(batch_size, max(1, len(args.files)))
+        rows = min(batch_size, max(1, len(paths)))
         check_fits(first.source, first.config, first.dtype, first.device, 1 / args.tp, rows)
-    paths, waveforms = read_files(args.files, first)
+    if windowed:
+        for path, seconds in zip(paths, durations, strict=True):
+            check_duration(path, seconds, cut.max_audio_seconds)
+        waveforms = None
+    else:
+        paths, waveforms = read_files(args.files, first)
     weights = None
     if len(transcribers) > 1:
         weights = load_target(
@@ -151,30 +277,43 @@ def run_files(args: argparse.Namespace, names: list[str], layout: Layout) -> int
             layout=layout,
             memory_check=args.memory_check,
         )
-    results = {}
+    results: dict[str, list[dict]] = {}
     for transcriber in transcribers:
         transcriber.load(weights)
         progress = not args.quiet and layout.rank == 0
-        results[transcriber.recipe.name] = transcribe_files(
-            transcriber, paths, waveforms, batch_size, progress
-        )
+        if windowed:
+            batch_seconds = corpus.DEFAULT_BATCH_SECONDS
+            done = transcriber.transcribe(
+                paths, cut, batch_size=batch_size, batch_seconds=batch_seconds, progress=progress
+            )
+            rows = [{"path": str(path), **result} for path, result in zip(paths, done, strict=True)]
+        else:
+            done = transcribe_files(transcriber, paths, waveforms, batch_size, progress)
+            rows = [result.to_json() for result in done]
+        results[transcriber.recipe.name] = [{"recipe": transcriber.recipe.name, **r} for r in rows]
         transcriber.pipeline = None  # frees a recipe's copy of the weights
     if layout.rank != 0:  # every shard computed the same tokens; one prints them
         return 0
     note(args, first.source, ", ".join(names))
+    warned = 0
+    for recipe, rows in results.items():
+        for row in rows:
+            for warning in row.get("warnings", []):
+                print(f"gsopt transcribe: warning: {row['path']}: {warning}", file=sys.stderr)
+                warned += 1
+            if folder is not None:
+                name = row["path"] if len(results) == 1 else f"{row['path']}.{recipe}"
+                writers.write(row, name, folder, kinds, args.max_line_width, args.max_line_count)
     if args.json:
-        rows = [
-            {"recipe": recipe, **result.to_json()}
-            for recipe, done in results.items()
-            for result in done
-        ]
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return 0
-    for recipe, done in results.items():
-        for result in done:
-            label = f"[{recipe}] " if len(results) > 1 else ""
-            print(f"{label}{result.path}: {result.text}")
-    return 0
+        print(
+            json.dumps([r for rows in results.values() for r in rows], indent=2, ensure_ascii=False)
+        )
+    else:
+        for recipe, rows in results.items():
+            for row in rows:
+                label = f"[{recipe}] " if len(results) > 1 else ""
+                print(f"{label}{row['path']}: {row['text']}")
+    return 1 if warned else 0
 
 
 def note(args: argparse.Namespace, model: str | os.PathLike, recipes: str) -> None:

@@ -113,12 +113,18 @@ def synthetic_ctc_tokenizer(config: GraniteSpeechCTCConfig) -> PreTrainedTokeniz
     return PreTrainedTokenizerFast(tokenizer_object=backend)
 
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, instruction: str | None = None) -> str:
+def prompt_text(
+    tokenizer: PreTrainedTokenizerBase,
+    instruction: str | None = None,
+    prefix_text: str | None = None,
+) -> str:
     """The prompt for one clip, with a single `<|audio|>` placeholder.
 
     `instruction` defaults to the transcription request; `<|audio|>` is put in front when the
     instruction lacks it. With a chat template the instruction is the user turn (plus the
     pinned system turn for templates that read the clock); without one, the 4.0-1b format.
+    `prefix_text` goes to a chat template that takes it (Granite Speech 4.1 Plus's), as the
+    start of the answer.
     """
     content = instruction if instruction is not None else TRANSCRIBE_INSTRUCTION
     placeholders = content.count(AUDIO_TOKEN)
@@ -128,19 +134,30 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, instruction: str | None = No
         )
     if placeholders == 0:
         content = AUDIO_TOKEN + content
+    if prefix_text is not None and "prefix_text" not in (tokenizer.chat_template or ""):
+        raise GsoptError(
+            "--prefix-text: this model's chat template takes no prefix text (Granite Speech "
+            "4.1 Plus's does)"
+        )
     if not tokenizer.chat_template:
         return f"USER: {content}\n ASSISTANT:"
     messages = [{"role": "user", "content": content}]
     if "strftime_now" in tokenizer.chat_template:
         messages.insert(0, {"role": "system", "content": PINNED_SYSTEM_TURN})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    extra = {"prefix_text": prefix_text} if prefix_text is not None else {}
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **extra
+    )
 
 
 def prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, audio_token_id: int, instruction: str | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    audio_token_id: int,
+    instruction: str | None = None,
+    prefix_text: str | None = None,
 ) -> list[int]:
     """Token ids of `prompt_text`, tokenised as transformers' GraniteSpeechProcessor does."""
-    ids = tokenizer(prompt_text(tokenizer, instruction))["input_ids"]
+    ids = tokenizer(prompt_text(tokenizer, instruction, prefix_text))["input_ids"]
     if ids.count(audio_token_id) != 1:
         raise GsoptError(
             f"the prompt tokenises to {ids.count(audio_token_id)} audio tokens (id "

@@ -42,6 +42,7 @@ from gsopt.audio.frontend import SAMPLE_RATE
 from gsopt.errors import GsoptError
 from gsopt.model.parallel import Layout
 from gsopt.results import write_atomic
+from gsopt.transcription.batching import plan_batches
 from gsopt.transcription.transcriber import Transcriber, Transcription
 
 log = logging.getLogger(__name__)
@@ -328,23 +329,6 @@ def probe(entry: Entry, transcriber: Transcriber) -> float:
         seconds = len(load_audio(entry.audio)) / SAMPLE_RATE  # refuses it: empty or too short
     transcriber.check_lengths([entry.audio], [round(seconds * SAMPLE_RATE)])
     return seconds
-
-
-def plan_batches(
-    items: list[tuple[Entry, float]], batch_size: int, batch_seconds: float
-) -> list[list[tuple[Entry, float]]]:
-    """Consecutive runs of a longest-first list, each at most `batch_size` clips and
-    `batch_seconds` of padded audio (clips x the longest); a clip over the budget runs alone."""
-    batches: list[list[tuple[Entry, float]]] = []
-    for item in items:
-        if (
-            not batches
-            or len(batches[-1]) >= batch_size
-            or (len(batches[-1]) + 1) * batches[-1][0][1] > batch_seconds
-        ):
-            batches.append([])
-        batches[-1].append(item)
-    return batches
 
 
 def check_resumable(path: Path, records: list[dict[str, Any]], run: dict[str, Any]) -> None:

@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from gsopt.audio.files import SAMPLE_AUDIO, check_audio_file, load_audio
+from gsopt.audio.files import SAMPLE_AUDIO, check_audio_file, load_audio, read_recording
 from gsopt.audio.frontend import HOP_LENGTH, SAMPLE_RATE
+from gsopt.audio.windows import check_chunking
 from gsopt.engine.generate import truncate_at_eos
 from gsopt.engine.speculate import SpeculationStats
 from gsopt.engine.timing import StageTimer
@@ -38,6 +39,8 @@ from gsopt.model.tokenizer import decode, load_tokenizer, prompt_ids
 from gsopt.recipe import build_pipeline, load_recipe
 from gsopt.recipe.compile import compiles
 from gsopt.runtime import DEFAULT_RECIPE, default_model, dtype_name, resolve_device, resolve_dtype
+from gsopt.transcription.longform import LongForm, chunk_samples, transcribe_recordings
+from gsopt.transcription.prompts import Ask
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 200  # the Granite Speech model cards' setting
@@ -89,13 +92,12 @@ def check_clip_lengths(
     config: GraniteSpeechConfig,
     text_tokens: int,
     max_new_tokens: int,
+    fix: str = "split the file or lower --max-new-tokens",
 ) -> None:
     """Each clip's audio tokens, the prompt's text tokens and the new tokens must fit the
-    decoder's positions; the error names the budget that ran out.
-
-    The limit in seconds follows from the token formula: a clip fits while its encoder frames
-    stay within the whole projector windows the budget pays for.
-    """
+    decoder's positions; the error names the budget that ran out (and `fix`, what to do)."""
+    # The limit in seconds follows from the token formula: a clip fits while its encoder
+    # frames stay within the whole projector windows the budget pays for.
     positions = config.decoder.max_expected_seq_len
     budget = positions - text_tokens - max_new_tokens
     if budget < config.projector.num_queries:
@@ -112,8 +114,7 @@ def check_clip_lengths(
             raise GsoptError(
                 f"{path}: {samples / SAMPLE_RATE:.1f} s of audio is longer than this model "
                 f"allows ({limit_seconds:.1f} s: {positions} positions minus a "
-                f"{text_tokens}-token text prompt and --max-new-tokens {max_new_tokens}); split "
-                "the file or lower --max-new-tokens"
+                f"{text_tokens}-token text prompt and --max-new-tokens {max_new_tokens}); {fix}"
             )
 
 
@@ -189,11 +190,15 @@ class Transcriber:
         draft_model: str | os.PathLike | None = None,
         layout: Layout | None = None,
         memory_check: bool = True,
+        ask: Ask | None = None,
+        prefix_text: str | None = None,
     ):
         """`model`: a checkpoint folder or a variant (default: `gsopt.runtime.default_model`);
         `recipe`: a built-in name or a .toml path; `layout`: this process's place under
         torchrun (`gsopt.model.parallel.join`), whose tensor-parallel group shards the
-        decoder."""
+        decoder; `ask`: the task, language, keywords and Plus mode in the model cards'
+        forms (`prompt` replaces all of them with its own text); `prefix_text`: the start of
+        the answer, for Plus's chat template."""
         if max_new_tokens < 1:
             raise GsoptError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -202,12 +207,27 @@ class Transcriber:
         self.max_new_tokens = max_new_tokens
         self.config = load_config(self.source)
         self.tokenizer = load_tokenizer(self.source, self.config)
+        self.ask = ask or Ask()
         if not family_of(self.config).decoder:  # no decoder: no prompt, no positions
-            if prompt is not None:
-                raise GsoptError("--prompt: Granite Speech 5.0 (CTC) takes no prompt; drop it")
+            for flag, given in (
+                ("--prompt", prompt is not None),
+                ("--task, --language and --keyword", self.ask.asks_anything),
+                ("--prefix-text", prefix_text is not None),
+            ):
+                if given:
+                    raise GsoptError(f"{flag}: Granite Speech 5.0 (CTC) takes no prompt; drop it")
             self.template = None
         else:
-            self.template = prompt_ids(self.tokenizer, self.config.audio_token_id, prompt)
+            if prompt is not None and self.ask.asks_anything:
+                raise GsoptError(
+                    "--prompt replaces the request; drop --task, --language, --keyword or "
+                    "--prompt-mode, or put them in the prompt's text"
+                )
+            plus = bool(self.config.encoder.cat_hidden_layers)
+            instruction = prompt if prompt is not None else self.ask.instruction(plus)
+            self.template = prompt_ids(
+                self.tokenizer, self.config.audio_token_id, instruction, prefix_text
+            )
             self.check_lengths([], [])  # a prompt and budget that leave no room for audio
         self.recipe = load_recipe(recipe)
         self.draft_model = draft_model if self.recipe.drafts_with_model else None
@@ -234,11 +254,13 @@ class Transcriber:
             "gsopt": version("gsopt"),
         }
 
-    def check_lengths(self, paths: list[Path], num_samples: list[int]) -> None:
+    def check_lengths(self, paths: list, num_samples: list[int], **fix: str) -> None:
         """Refuse, naming the file, a clip whose audio tokens do not fit the positions."""
         if self.template is not None:
             text_tokens = len(self.template) - 1
-            check_clip_lengths(paths, num_samples, self.config, text_tokens, self.max_new_tokens)
+            check_clip_lengths(
+                paths, num_samples, self.config, text_tokens, self.max_new_tokens, **fix
+            )
 
     def load(self, weights: torch.nn.Module | None = None) -> None:
         """Read the weights (and the draft model's) and build the recipe's pipeline; or use
@@ -281,7 +303,11 @@ class Transcriber:
         return any(compiles(getattr(stages, s)) for s in stages.report.labels)
 
     def run_batch(
-        self, index: int, paths: list[Path], waveforms: list[torch.Tensor]
+        self,
+        index: int,
+        paths: list[Path],
+        waveforms: list[torch.Tensor],
+        max_new_tokens: int | None = None,
     ) -> list[Transcription]:
         """One padded batch; each result equals the clip's alone. Needs `load` first."""
         return _run_batch(
@@ -291,8 +317,43 @@ class Transcriber:
             index,
             paths,
             waveforms,
-            self.max_new_tokens,
+            max_new_tokens or self.max_new_tokens,
         )
+
+    def transcribe(
+        self,
+        audio: str | os.PathLike | list[str | os.PathLike],
+        cut: LongForm | None = None,
+        *,
+        batch_size: int = 32,
+        batch_seconds: float = 300.0,
+        progress: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Whisper-shaped results (`gsopt.transcription.longform`) of recordings of any
+        length: one dict for one file, a list for a list. Loads the weights if needed."""
+        many = isinstance(audio, list | tuple)
+        paths = [Path(a) for a in (audio if many else [audio])]
+        cut = cut or LongForm()
+        check_chunking(cut.chunk_length, cut.chunk_overlap)
+        self.check_lengths(
+            [f"--chunk-length {cut.chunk_length:g}"],
+            [chunk_samples(cut)],
+            fix="lower --chunk-length or --max-new-tokens",
+        )
+        recordings = [read_recording(path, cut.max_audio_seconds) for path in paths]
+        if self.pipeline is None:
+            self.load()
+        results = transcribe_recordings(
+            self,
+            recordings,
+            cut,
+            batch_size=batch_size,
+            batch_seconds=batch_seconds,
+            progress=progress,
+            language=self.ask.language or self.ask.target_language,
+            prompt_mode=self.ask.prompt_mode,
+        )
+        return results if many else results[0]
 
 
 def transcribe(
