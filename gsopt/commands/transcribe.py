@@ -364,6 +364,7 @@ def run_manifest(args: argparse.Namespace, recipe: str, layout: Layout) -> int:
         else args.batch_seconds,
         progress=not args.quiet,
         resume_anyway=args.resume_anyway,
+        cut=_cut(args),
     )
     if summary is None:
         return 0

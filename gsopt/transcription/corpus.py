@@ -37,12 +37,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from gsopt.audio.files import MIN_SAMPLES, check_audio_file, load_audio
+from gsopt.audio.files import (
+    MIN_SAMPLES,
+    check_audio_file,
+    check_duration,
+    load_audio,
+    read_recording,
+)
 from gsopt.audio.frontend import SAMPLE_RATE
 from gsopt.errors import GsoptError
 from gsopt.model.parallel import Layout
 from gsopt.results import write_atomic
 from gsopt.transcription.batching import plan_batches
+from gsopt.transcription.longform import LongForm, transcribe_recordings
 from gsopt.transcription.transcriber import Transcriber, Transcription
 
 log = logging.getLogger(__name__)
@@ -321,14 +328,22 @@ class Summary:
         return f"{self.written - self.failed} of {self.inputs} inputs transcribed{failed}{this_run}"
 
 
-def probe(entry: Entry, transcriber: Transcriber) -> float:
+def probe(entry: Entry, transcriber: Transcriber, cut: LongForm) -> float:
     """Seconds of audio from the header; refuses (GsoptError naming the file) a file that is
-    missing, unreadable, empty or too long for the model, before anything is decoded."""
+    missing, unreadable, empty, past --max-audio-seconds, or (at most --chunk-length long,
+    so run whole) too long for the model, before anything is decoded."""
     seconds = check_audio_file(entry.audio)
+    check_duration(entry.audio, seconds, cut.max_audio_seconds)
     if seconds * SAMPLE_RATE < MIN_SAMPLES:
         seconds = len(load_audio(entry.audio)) / SAMPLE_RATE  # refuses it: empty or too short
-    transcriber.check_lengths([entry.audio], [round(seconds * SAMPLE_RATE)])
+    if seconds <= cut.chunk_length:
+        transcriber.check_lengths([entry.audio], [round(seconds * SAMPLE_RATE)])
     return seconds
+
+
+# Long recordings go through the windowed path in groups of about this much audio: one
+# group's windows batch together, and its lines are written when it ends.
+LONG_GROUP_SECONDS = 3600.0
 
 
 def check_resumable(path: Path, records: list[dict[str, Any]], run: dict[str, Any]) -> None:
@@ -390,6 +405,47 @@ def result_record(
     }
 
 
+def _long_group(transcriber, group, cut: LongForm, number: int, layout, run_settings):
+    """Recordings longer than --chunk-length, windowed and batched together: their lines
+    (a window that failed is in the line's `warnings`; the rest of the file is kept)."""
+    records, kept, recordings = [], [], []
+    for entry, duration in group:
+        try:
+            recordings.append(read_recording(entry.audio, cut.max_audio_seconds))
+            kept.append(entry)
+        except GsoptError as exc:
+            records.append(error_record(entry, duration, str(exc), run_settings))
+    start = time.perf_counter()
+    results = transcribe_recordings(transcriber, recordings, cut, batch_size=32)
+    wall = time.perf_counter() - start
+    audio = sum(r.seconds for r in recordings)
+    for entry, result in zip(kept, results, strict=True):
+        segments = [{k: v for k, v in s.items() if k != "tokens"} for s in result["segments"]]
+        records.append(
+            {
+                "id": entry.id,
+                "audio": str(entry.audio),
+                "duration_s": round(result["duration"], 4),
+                "text": result["text"],
+                "tokens": [t for s in result["segments"] for t in s["tokens"]],
+                **({"reference": entry.reference} if entry.reference is not None else {}),
+                "segments": segments,
+                **({"warnings": result["warnings"]} if result["warnings"] else {}),
+                "timing": {
+                    "rank": layout.replica,
+                    "batch": number,
+                    "batch_size": len(kept),
+                    "batch_audio_s": round(audio, 4),
+                    "batch_wall_s": round(wall, 6),
+                    "rtfx": round(audio / wall, 3) if wall > 0 else None,
+                    "stages": {},
+                },
+                "run": run_settings,
+            }
+        )
+    return records
+
+
 def run(
     entries: list[Entry],
     out: str | os.PathLike,
@@ -401,6 +457,7 @@ def run(
     progress: bool = False,
     weights: torch.nn.Module | None = None,
     resume_anyway: bool = False,
+    cut: LongForm | None = None,
 ) -> Summary | None:
     """Transcribe this replica's share of `entries` into its part file, skipping ids
     already written; then rank 0 merges everything into `out` and returns the summary
@@ -410,12 +467,13 @@ def run(
     unless `resume_anyway`. The caller leaves the process group."""
     out = Path(out)
     layout = layout or Layout()
+    cut = cut or LongForm()
     if batch_size < 1:
         raise GsoptError(f"--batch-size must be at least 1, got {batch_size}")
     if not batch_seconds > 0:
         raise GsoptError(f"--batch-seconds must be above 0, got {batch_seconds}")
     mine = part_path(out, layout.replica, layout.replicas)
-    run_settings = transcriber.fingerprint
+    run_settings = {**transcriber.fingerprint, "windows": cut.describe()}
     written = {
         path: read_records(path, repair=path == mine and layout.leader)
         for path in dict.fromkeys([out, *part_files(out), mine])
@@ -436,7 +494,7 @@ def run(
     problems: dict[int, str] = {}
     for entry in entries:
         try:
-            seconds[entry.index] = probe(entry, transcriber)
+            seconds[entry.index] = probe(entry, transcriber, cut)
         except GsoptError as exc:
             problems[entry.index] = str(exc)
     ordered = sorted(entries, key=lambda e: (-seconds.get(e.index, math.inf), e.index))
@@ -450,10 +508,12 @@ def run(
         bad = [e for e in todo if e.index in problems]
         sink.write([error_record(e, None, problems[e.index], run_settings) for e in bad])
         good = [(e, seconds[e.index]) for e in todo if e.index not in problems]
-        if good and transcriber.pipeline is None:
+        long = [(e, s) for e, s in good if s > cut.chunk_length]
+        good = [(e, s) for e, s in good if s <= cut.chunk_length]
+        if (good or long) and transcriber.pipeline is None:
             transcriber.load(weights)
         with tqdm(
-            total=round(sum(s for _, s in good), 1),
+            total=round(sum(s for _, s in good + long), 1),
             unit="s",
             desc="transcribing" if layout.replicas == 1 else f"replica 0 of {layout.replicas}",
             file=sys.stderr,
@@ -478,11 +538,19 @@ def run(
                 spent = time.perf_counter() - start
                 bar.update(round(batch_audio, 1))
                 bar.set_postfix(RTFx=f"{audio_done / spent:.1f}")
+            groups = plan_batches(long, len(long) or 1, LONG_GROUP_SECONDS)
+            for number, group in enumerate(groups, len(good)):
+                sink.write(_long_group(transcriber, group, cut, number, layout, run_settings))
+                group_audio = sum(duration for _, duration in group)
+                audio_done += group_audio
+                spent = time.perf_counter() - start
+                bar.update(round(group_audio, 1))
+                bar.set_postfix(RTFx=f"{audio_done / spent:.1f}")
     finally:
         sink.close()
     layout.barrier()
     if layout.rank != 0:
         return None
     records = merge(out, entries)
-    failed = sum(1 for r in records if r.get("error") is not None)
+    failed = sum(1 for r in records if r.get("error") is not None or r.get("warnings"))
     return Summary(out, len(entries), len(records), failed, audio_done, spent, layout.replicas)

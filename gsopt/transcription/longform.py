@@ -48,6 +48,14 @@ class LongForm:
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
     max_new_tokens: int | None = None
 
+    def describe(self) -> str:
+        """What decides the windows, for a run's settings record."""
+        clips = f", clips {self.clip_timestamps}" if self.clip_timestamps else ""
+        return (
+            f"{self.segmentation} {self.chunk_length:g} s, overlap {self.chunk_overlap:g} s"
+            f"{clips}, cap {self.max_audio_seconds:g} s, budget {self.max_new_tokens or 'auto'}"
+        )
+
     def budget(self, window: Window) -> int:
         if self.max_new_tokens is not None:
             return self.max_new_tokens
