@@ -153,6 +153,9 @@ def transformers_runner(hf, waves, template, n: int, beams: int):
 
 
 def beams(args) -> dict:
+    # Each beam count keeps its own static graph, as in a server that runs one: otherwise the
+    # interleaved counts would turn the batch axis dynamic (a recompile inside the timing).
+    torch._dynamo.config.automatic_dynamic_shapes = False
     device = torch.device("cpu")
     model, hf = reference_pair(args.model, device, torch.float32)
     waves = [clip(args.seconds)] * args.batch
@@ -193,7 +196,8 @@ def beams(args) -> dict:
             "repeats": args.repeats,
             "decoding": "fixed length: end-of-text suppressed (gsopt stop_at_eos=False, "
             "transformers min_new_tokens = max_new_tokens); same random weights; gsopt's "
-            "frontend feeds both; calls interleaved, one warm-up",
+            "frontend feeds both; calls interleaved, one warm-up; automatic dynamic shapes "
+            "off (one static graph per beam count)",
         },
         "rows": rows,
     }
