@@ -254,6 +254,8 @@ def run_files(args: argparse.Namespace, names: list[str], layout: Layout) -> int
     cut = _cut(args)
     check_chunking(cut.chunk_length, cut.chunk_overlap)
     durations = [check_audio_file(path) for path in paths]
+    for path, seconds in zip(paths, durations, strict=True):
+        check_duration(path, seconds, cut.max_audio_seconds)
     windowed = long_form_asked(args) or max(durations) > cut.chunk_length
     folder, kinds = None, ()
     if args.output_format is not None or args.output_dir is not None:
@@ -263,8 +265,6 @@ def run_files(args: argparse.Namespace, names: list[str], layout: Layout) -> int
         rows = min(batch_size, max(1, len(paths)))
         check_fits(first.source, first.config, first.dtype, first.device, 1 / args.tp, rows)
     if windowed:
-        for path, seconds in zip(paths, durations, strict=True):
-            check_duration(path, seconds, cut.max_audio_seconds)
         waveforms = None
     else:
         paths, waveforms = read_files(args.files, first)
