@@ -18,7 +18,7 @@ import gsopt
 from gsopt.engine.beam import BeamState, beam_search, beam_step, reorder_cache
 from gsopt.engine.generate import setup_cache, truncate_at_eos
 from gsopt.engine.speculate import SpeculationStats, speculative_generate
-from gsopt.recipe import build_pipeline, load_recipe
+from gsopt.recipe import apply, build_pipeline, load_recipe
 from gsopt.recipe.compile import CompiledStage
 
 N = 24
@@ -206,3 +206,11 @@ def test_relaxed_fallback_by_beam_search(pair):
     decisions = [r.decision for r in stats.rows]
     assert decisions == ["accepted", "fallback", "fallback"]
     assert stats.rows[0].forwards == 0 and stats.rows[1].forwards == stats.rows[2].forwards > 2
+
+
+def test_num_beams_on_the_ctc_model_is_noted_as_ignored(tmp_path):
+    path = tmp_path / "beams.toml"
+    path.write_text('kv_cache = "static"\nnum_beams = 2\n')
+    stages = apply(gsopt.load_model("tiny-ctc"), load_recipe(path))
+    notes = stages.report.notes
+    assert any(note.startswith("num_beams:") and "no decoder" in note for note in notes)

@@ -138,6 +138,7 @@ def _ctc_stages(model, recipe: Recipe, device, notes: list[str], draft_model) ->
         ("kv_cache", KV_CACHES[recipe.kv_cache].fixed_shapes),
         ("lora", recipe.lora == "merged"),
         ("speculate", recipe.speculate is not None),
+        ("num_beams", recipe.num_beams > 1),
         ("quantize", recipe.quantize is not None and "encoder" not in recipe.quantize.stages),
     ):
         if ignored:
