@@ -161,8 +161,10 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="gsopt-longform-"))
     transcriber = Transcriber(args.model)
     transcriber.load()
-    warm = write_recording(folder, 0.5)
-    timed(transcriber, warm, LongForm(), args.batch_size)  # first calls build the caches
+    warm = write_recording(folder, 2)  # first calls of each batch shape build their caches
+    for batch_size in (args.batch_size, 1):
+        timed(transcriber, warm, LongForm(), batch_size)
+        timed(transcriber, warm, LongForm(segmentation="vad"), batch_size)
     runs = {}
     for minutes in [float(m) for m in args.minutes.split(",")]:
         path = write_recording(folder, minutes)
