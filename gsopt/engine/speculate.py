@@ -13,10 +13,13 @@ from a smaller draft model.
   decode step runs when nothing matches. A draft model proposes k - 1 tokens a round
   instead. Either way the output is token for token plain greedy decoding's.
 - `relaxed` (IBM's criterion, lossy): a non-empty draft whose CTC confidence (its largest
-  per-frame entropy) is at most `ctc_threshold` is taken as it is, without the decoder;
-  otherwise the draft is taken when each of its tokens has probability at least
-  `confidence_threshold` in the verifying forward; otherwise the row goes on exactly.
-Every row keeps its own accepted length and position.
+  per-frame entropy) is at most `ctc_threshold` is taken as it is, and its row leaves the
+  batch before any decoder work; the other rows, in a batch compacted by index, go through
+  the prompt-and-draft forward, where a draft is taken when each of its tokens has
+  probability at least `confidence_threshold`; otherwise the row goes on exactly, or is
+  decoded afresh by beam search (`gsopt.engine.beam`, IBM's fallback).
+Every row keeps its own accepted length and position. Draft positions are always text, a
+token equal to the audio id included (the prefill's `text_from`).
 """
 
 from __future__ import annotations
