@@ -49,7 +49,7 @@ BAD = {  # id -> what its error says
     "bad-missing": r"nowhere\.wav: no such audio file",
     "bad-corrupt": r"notes\.wav: not a readable audio file",
     "bad-empty": r"empty\.wav: the audio clip is empty",
-    "bad-long": r"long\.wav: 300\.0 s of audio is longer than this model allows",
+    "bad-long": r"long\.wav: 14460 s of audio is longer than --max-audio-seconds 14400",
 }
 TIMING = "timing"
 
@@ -74,7 +74,8 @@ def manifest(tmp_path_factory) -> Path:
         rows.append({"audio": f"clips/{key}.wav", "text": f"reference {seed}", "id": key})
     (folder / "notes.wav").write_text("these are not samples\n")
     soundfile.write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
-    soundfile.write(folder / "long.wav", np.zeros(1000 * 300, dtype=np.int16), 1000)
+    # past the 4-hour cap (refused from its header), at the lowest rate a header may claim
+    soundfile.write(folder / "long.wav", np.zeros(1000 * 14460, dtype=np.int16), 1000)
     bad_files = ["nowhere.wav", "notes.wav", "empty.wav", str(folder / "long.wav")]
     for i, (key, name) in enumerate(zip(BAD, bad_files, strict=True)):
         rows.insert(3 * i + 1, {"audio": name, "text": "x", "id": key})

@@ -493,7 +493,8 @@ def run(args: argparse.Namespace) -> int:
     result = _record(args, device, source, dtypes, recipes, seconds, batches, new_tokens, peers)
     for dtype_name in dtypes if args.memory_check else []:  # gsopt's model, transformers' too
         copies = 1 + bool(peers)
-        check_fits(source, config, DTYPES[dtype_name], device, copies, rows=max(batches))
+        beams = max(load_recipe(name).num_beams for name in recipes)
+        check_fits(source, config, DTYPES[dtype_name], device, copies, rows=max(batches) * beams)
     calls = len(dtypes) * len(points) * per_point * (args.repeats + 1)
     with tqdm(total=calls, file=sys.stderr, desc="bench", unit="call") as bar:
         for dtype_name in dtypes:

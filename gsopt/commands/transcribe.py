@@ -262,7 +262,8 @@ def run_files(args: argparse.Namespace, names: list[str], layout: Layout) -> int
         kinds = writers.formats(args.output_format or "all")
         folder = check_output(args.output_dir or ".", folder=True, flag="--output-dir")
     if args.memory_check:
-        rows = min(batch_size, max(1, len(paths)))
+        beams = max(t.recipe.num_beams for t in transcribers)  # each row keeps its beams
+        rows = min(batch_size, max(1, len(paths))) * beams
         check_fits(first.source, first.config, first.dtype, first.device, 1 / args.tp, rows)
     if windowed:
         waveforms = None
@@ -350,7 +351,7 @@ def run_manifest(args: argparse.Namespace, recipe: str, layout: Layout) -> int:
         options.warn_unused_draft(args, [transcriber.recipe], "transcribe")
     batch_size = corpus.DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     if args.memory_check:
-        rows = max(1, min(batch_size, len(entries)))
+        rows = max(1, min(batch_size, len(entries))) * transcriber.recipe.num_beams
         config, dtype = transcriber.config, transcriber.dtype
         check_fits(transcriber.source, config, dtype, transcriber.device, 1 / args.tp, rows)
     summary = corpus.run(
