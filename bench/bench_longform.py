@@ -72,30 +72,37 @@ def timed(transcriber: Transcriber, path: Path, cut: LongForm, batch_size: int) 
 
 
 MEMORY = """
-import resource, sys
+import sys
 from gsopt.transcription.longform import LongForm
 from gsopt.transcription.transcriber import Transcriber
+
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field))
+    return int(line.split()[1]) * 1024
+
 t = Transcriber(sys.argv[1], max_new_tokens=8)
 t.load()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t.transcribe(sys.argv[4], LongForm(segmentation=sys.argv[3], max_new_tokens=8), batch_size=16)
+resident = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # the peak from here on
 t.transcribe(sys.argv[2], LongForm(segmentation=sys.argv[3], max_new_tokens=8), batch_size=16)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(before * 1024, after * 1024)
+print(resident, status("VmHWM:"))
 """
 
 
-def peak_memory(model: str, path: Path, segmentation: str) -> dict:
-    """Peak RSS of a fresh process transcribing the file, above the same process once its
-    model was loaded (a budget of 8 tokens a window: memory, not decoding, is measured)."""
+def peak_memory(model: str, path: Path, segmentation: str, warm: Path) -> dict:
+    """Peak RSS (Linux's VmHWM, reset once the model is loaded and warm) of a fresh process
+    transcribing the file, above what it held before (a budget of 8 tokens a window: memory,
+    not decoding, is measured)."""
     done = subprocess.run(
-        [sys.executable, "-c", MEMORY, model, str(path), segmentation],
+        [sys.executable, "-c", MEMORY, model, str(path), segmentation, str(warm)],
         capture_output=True,
         text=True,
         check=True,
     )
-    loaded, peak = map(int, done.stdout.split()[-2:])
+    resident, peak = map(int, done.stdout.split()[-2:])
     mb = 2**20
-    return {"loaded_mb": loaded / mb, "peak_mb": peak / mb, "above_mb": (peak - loaded) / mb}
+    return {"loaded_mb": resident / mb, "peak_mb": peak / mb, "above_mb": (peak - resident) / mb}
 
 
 def markdown(data: dict) -> str:
@@ -118,7 +125,12 @@ def markdown(data: dict) -> str:
     if data.get("batched_over_alone"):
         lines += ["", f"Batched windows over one at a time: {data['batched_over_alone']:.2f}x."]
     if data["memory"]:
-        lines += ["", "| recording | segmentation | RSS with the model, MB | peak MB | above MB |"]
+        lines += [
+            "",
+            "Peak memory (VmHWM) while transcribing, above the warm process's resident set:",
+            "",
+            "| recording | segmentation | resident MB | peak MB | above MB |",
+        ]
         lines += ["|---|---|---|---|---|"]
         for row in data["memory"]:
             lines.append(
@@ -187,7 +199,7 @@ def main() -> int:
         for segmentation in ("fixed", "vad"):
             memory.append(
                 {"hours": hours, "segmentation": segmentation}
-                | peak_memory(args.model, path, segmentation)
+                | peak_memory(args.model, path, segmentation, warm)
             )
             print(f"memory {hours:g} h {segmentation}: {memory[-1]}", file=sys.stderr)
     import torch
