@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -205,7 +206,9 @@ def test_a_model_or_batch_too_large_for_memory_is_refused_before_loading(capsys)
         preexec_fn=limit,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-2000:]
-    assert "3.3-2b needs about 12.8 GiB in float32" in done.stderr
+    # 3.3-2b has about 3.0B parameters (the model card): 11.2 GiB of float32, plus a cache
+    need = float(re.search(r"3\.3-2b needs about (\d+\.\d) GiB in float32", done.stderr)[1])
+    assert 11.0 < need < 13.0
     assert "address-space limit (ulimit -v) leaves" in done.stderr
 
 

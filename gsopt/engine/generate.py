@@ -40,9 +40,9 @@ def right_pad(prompts: list[torch.Tensor], pad_id: int, multiple: int = 1):
 
 
 def default_max_seq_len(model) -> int:
-    """Cache positions by default: the decoder's position limit, which bounds the longest
-    audio plus new tokens the pipeline accepts, so a cache is made once per batch size."""
-    return model.config.decoder.max_expected_seq_len
+    """Cache positions a static cache starts with (`GraniteSpeechConfig.cache_positions`);
+    a request that needs more doubles it (`cache_for`)."""
+    return model.config.cache_positions
 
 
 def setup_cache(model, batch: int, needed: int, max_seq_len: int | None = None) -> StaticKVCache:
@@ -63,12 +63,14 @@ def prefill(
     audio_embeds: torch.Tensor | None,
     cache: list,
     text_from: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
     attn_name: str = SDPA,
 ) -> torch.Tensor:
     """Run the prompt [B, L], fill the static cache; returns the next-token logits after
     each position in read_at [B, n] ([B, 1] at each row's last prompt token for plain
     decoding; the prompt's end and every draft token for speculation). `text_from` [B]:
-    where each row's prompt ends, when a draft follows it (`GraniteSpeech.embed`)."""
+    where each row's prompt ends, when a draft follows it (`GraniteSpeech.embed`). `rows`
+    [B]: the cache rows to fill (default the first B; a continuous batch's free slots)."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     hidden = _forward(
         model,
@@ -78,6 +80,7 @@ def prefill(
         attn_name,
         cache_positions=positions,
         prefill=True,
+        **({} if rows is None else {"cache_rows": rows}),
     )
     picked = hidden.gather(1, read_at[:, :, None].expand(-1, -1, hidden.shape[-1]))
     return logits_from_hidden(model, picked)

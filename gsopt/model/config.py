@@ -21,6 +21,10 @@ from gsopt.errors import GsoptError
 
 # RoPE tables are precomputed up to this many positions; speech prompts are far shorter.
 MAX_DECODER_POSITIONS = 8192
+# A static KV cache starts with this many positions (a 30 s window, its prompt and 200 new
+# tokens take about 650) and doubles when a request needs more: sized at the decoder's limit
+# it would hold 8192 positions a row, gigabytes for a batch of 16 that uses a tenth of them.
+CACHE_POSITIONS = 1024
 
 
 @dataclass
@@ -106,6 +110,11 @@ class GraniteSpeechConfig(ModelConfig):
     def encoder_context_size(self) -> int:
         """Frames in one encoder attention block."""
         return self.encoder.context_size
+
+    @property
+    def cache_positions(self) -> int:
+        """Positions a static KV cache starts with (see CACHE_POSITIONS)."""
+        return min(self.decoder.max_expected_seq_len, CACHE_POSITIONS)
 
     @property
     def lora_scale(self) -> float:

@@ -23,8 +23,8 @@ GIB = 2**30
 
 
 def model_bytes(config, dtype: torch.dtype, rows: int = 1) -> int:
-    """The weights at `dtype` and `rows` rows of KV cache at the decoder's positions (the
-    static cache is sized so, once per batch size)."""
+    """The weights at `dtype` and `rows` rows of KV cache at the positions a static cache
+    starts with (`cache_positions`)."""
     with torch.device("meta"):
         model = family_of(config).model(config)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -33,7 +33,7 @@ def model_bytes(config, dtype: torch.dtype, rows: int = 1) -> int:
         return weights
     dec = config.decoder
     cache = dec.nlayers * 2 * (dec.kvheads or dec.nheads) * dec.head_dim
-    return weights + rows * cache * dec.max_expected_seq_len * itemsize
+    return weights + rows * cache * config.cache_positions * itemsize
 
 
 def _meminfo_available() -> int | None:
