@@ -103,13 +103,18 @@ def _store(
     *,
     cache_positions: torch.Tensor,
     prefill: bool = False,
+    cache_rows: torch.Tensor | None = None,
     **_,
 ):
-    """Write [B, L, Hkv, D] keys/values at cache_positions [B, L].
+    """Write [B, L, Hkv, D] keys/values at cache_positions [B, L], into cache rows
+    `cache_rows` [B] (default the first B: a continuous batch prefills its new requests
+    into whichever slots are free, `gsopt.engine.scheduler`).
 
     An indexed in-place write (index_put_): inductor keeps it in place. A `scatter_` would be
     functionalised into clone + scatter, a copy of the whole cache every step."""
-    rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+    if cache_rows is None:
+        cache_rows = torch.arange(keys.shape[0], device=keys.device)
+    rows = cache_rows[:, None]
     key_cache[rows, :, cache_positions] = keys
     value_cache[rows, :, cache_positions] = values
     if prefill:
