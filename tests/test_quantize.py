@@ -58,14 +58,14 @@ def load_recipe_text(name: str) -> str:
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
 def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_path):
-    """Each format this CPU runs: int8 (float32 activations, the lm head included) and
-    int4 (torchao's CPU layout, bf16 activations; the recipe keeps the head in bf16)."""
+    """Each format this CPU runs: int8 (float32 activations) and int4 (torchao's CPU
+    layout, bf16 activations), the lm head included in both."""
     torch._dynamo.reset()
     reference = gsopt.load_model("tiny", seed=1, lora="none")
     model = gsopt.load_model("tiny", seed=1, lora="none")
     recipe = load_recipe("int8-decoder") if weights == "int8" else int4_recipe(tmp_path)
     stages = apply(model, recipe)
-    assert is_quantized(model.decoder.head.weight) == (weights == "int8")
+    assert is_quantized(model.decoder.head.weight)
     tokens = Pipeline(reference, Stages.eager(reference))(waves(), TEMPLATE, 16)
     quantized = Pipeline(model, stages)(waves(), TEMPLATE, 16)
     assert stages.decode.graphs == 1 and stages.decode.graph_breaks == 0
@@ -98,10 +98,10 @@ def test_quantized_step_bytes_match_a_hand_count(tmp_path):
     model = gsopt.load_model("tiny", seed=1, lora="none")
     apply(model, int4_recipe(tmp_path, group_size=32))
 
-    # two int4 values a byte, a bf16 scale and zero point per group of 32; bf16 elsewhere,
-    # the lm head included (on a CPU the recipe leaves it unquantized)
+    # two int4 values a byte, a bf16 scale and zero point per group of 32 (the lm head too);
+    # bf16 elsewhere
     def int4(out: int, inp: int) -> int:
-        return inp * out * 2 if out == 320 else out * inp // 2 + (inp // 32) * out * 2 * 2
+        return out * inp // 2 + (inp // 32) * out * 2 * 2
 
     expected = step_bytes(int4, 2)
     assert bench.decode_step_bytes(model, batch, cache_len) == expected
@@ -181,8 +181,12 @@ def test_bad_quantization_input_is_one_line(capsys, tmp_path):
     recipe.write_text(
         'kv_cache = "static"\n[quantize]\nweights = "int4"\ngroup_size = 32\nlm_head = true\n'
     )
-    err = one_line_error(capsys, "apply", "--recipe", str(recipe), "--model", str(odd_vocab))
-    assert "blocks of 16; decoder.head has 328: set lm_head = false" in err
+    model = gsopt.load_model(odd_vocab, lora="none")
+    apply(model, load_recipe(recipe))  # a 328-row head: padded to 336 rows, then quantized
+    head = model.decoder.head
+    assert head.linear.out_features == 336 and is_quantized(head.weight)
+    with torch.no_grad():
+        assert head(torch.randn(2, 64)).shape == (2, 328)
     recipe.write_text('kv_cache = "static"\n[quantize]\nweights = "int3"\n')
     err = one_line_error(capsys, "transcribe", "--recipe", str(recipe))
     assert "weights = 'int3' is not one of int8, int4, float8" in err
