@@ -5,10 +5,10 @@ The recording is synthetic: the bundled speech sample and its pieces, separated 
 pauses of 0.3-2.5 s, to the length asked (a seeded generator, so runs compare). Random
 weights make the text gibberish; the work per window is a real model's.
 
-    python bench/bench_longform.py --model tiny --minutes 1,10,60 --compare-minutes 10 \\
-        --memory-hours 1,4 --out bench/results/longform-tiny
-    python bench/bench_longform.py --model cpu-small --minutes 1,10,60 --compare-minutes 10 \\
-        --memory-hours 1 --out bench/results/longform-cpu-small
+    python bench/bench_longform.py --model tiny --recipe best --minutes 1,10,60 \\
+        --compare-minutes 10 --memory-hours 1,4 --out bench/results/longform-tiny
+    python bench/bench_longform.py --model cpu-small --recipe best --minutes 1,10,60 \\
+        --compare-minutes 10 --memory-hours 1 --out bench/results/longform-cpu-small
 
 Writes OUT.json and OUT.md (environment, device ISA and commit included) and OUT.png.
 """
@@ -80,7 +80,7 @@ def status(field):
     line = next(l for l in open("/proc/self/status") if l.startswith(field))
     return int(line.split()[1]) * 1024
 
-t = Transcriber(sys.argv[1], max_new_tokens=8)
+t = Transcriber(sys.argv[1], recipe=sys.argv[5], max_new_tokens=8)
 t.load()
 t.transcribe(sys.argv[4], LongForm(segmentation=sys.argv[3], max_new_tokens=8), batch_size=16)
 resident = status("VmRSS:")
@@ -90,12 +90,12 @@ print(resident, status("VmHWM:"))
 """
 
 
-def peak_memory(model: str, path: Path, segmentation: str, warm: Path) -> dict:
+def peak_memory(model: str, path: Path, segmentation: str, warm: Path, recipe: str) -> dict:
     """Peak RSS (Linux's VmHWM, reset once the model is loaded and warm) of a fresh process
     transcribing the file, above what it held before (a budget of 8 tokens a window: memory,
     not decoding, is measured)."""
     done = subprocess.run(
-        [sys.executable, "-c", MEMORY, model, str(path), segmentation, str(warm)],
+        [sys.executable, "-c", MEMORY, model, str(path), segmentation, str(warm), recipe],
         capture_output=True,
         text=True,
         check=True,
@@ -108,7 +108,7 @@ def peak_memory(model: str, path: Path, segmentation: str, warm: Path) -> dict:
 def markdown(data: dict) -> str:
     env = data["environment"]
     lines = [
-        f"# Long recordings on `{data['model']}`",
+        f"# Long recordings on `{data['model']}`, recipe `{data['recipe']}`",
         "",
         f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}; commit "
         f"{env['commit']}; {env['date']}. Synthetic speech with pauses, random weights, "
@@ -164,6 +164,7 @@ def chart(data: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--recipe", default="best")
     parser.add_argument("--minutes", default="1,10,60", help="durations for the scaling runs")
     parser.add_argument("--compare-minutes", type=float, default=10.0)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -171,7 +172,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="OUT.json/.md/.png are written")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="gsopt-longform-"))
-    transcriber = Transcriber(args.model)
+    transcriber = Transcriber(args.model, recipe=args.recipe)
     transcriber.load()
     warm = write_recording(folder, 2)  # first calls of each batch shape build their caches
     for batch_size in (args.batch_size, 1):
@@ -199,13 +200,14 @@ def main() -> int:
         for segmentation in ("fixed", "vad"):
             memory.append(
                 {"hours": hours, "segmentation": segmentation}
-                | peak_memory(args.model, path, segmentation, warm)
+                | peak_memory(args.model, path, segmentation, warm, args.recipe)
             )
             print(f"memory {hours:g} h {segmentation}: {memory[-1]}", file=sys.stderr)
     import torch
 
     data = {
         "model": args.model,
+        "recipe": args.recipe,
         "environment": environment(torch.device("cpu")),
         "batch_size": args.batch_size,
         "runs": runs,
