@@ -30,6 +30,7 @@ COMMANDS = {
         "graphs, graph breaks and recompiles per stage, vs transformers",
     ),
     "eval": ("gsopt.commands.evaluate", "word error rate of recipes against references"),
+    "serve": ("gsopt.commands.serve", "serve OpenAI's transcription API, continuously batched"),
 }
 
 DESCRIPTION = (

@@ -93,28 +93,29 @@ class SchedulerStats:
     admissions: int = 0
 
 
-def check_schedulable(pipeline: Pipeline) -> None:
-    """A one-line refusal for what continuous batching does not run yet."""
-    plan = getattr(pipeline.stages, "plan", None)
-    if not family_of(pipeline.model).decoder:
-        raise GsoptError(
-            "continuous batching needs a decoder; Granite Speech 5.0 (CTC) is not served yet"
-        )
-    if plan.speculation is not None:
-        raise GsoptError(
+def unsupported(
+    *, speculates: bool, num_beams: int, static_cache: bool, decoder: bool
+) -> str | None:
+    """Why continuous batching cannot run these settings (one line), or None. Commands ask
+    it of a recipe before loading; the scheduler asks it of the stages it is given."""
+    if not decoder:
+        return "continuous batching needs a decoder; Granite Speech 5.0 (CTC) is not served yet"
+    if speculates:
+        return (
             "speculative recipes are not supported by continuous batching yet; use best or "
             "compile-decoder"
         )
-    if plan.num_beams > 1:
-        raise GsoptError(
-            f"num_beams = {plan.num_beams}: beam search is not supported by continuous "
-            "batching yet; use a greedy recipe"
+    if num_beams > 1:
+        return (
+            f"num_beams = {num_beams}: beam search is not supported by continuous batching "
+            "yet; use a greedy recipe"
         )
-    if not plan.cache.fixed_shapes:
-        raise GsoptError(
-            f"kv_cache = {plan.cache.name!r}: continuous batching needs the static cache "
-            "(recipes static-kv, compile-decoder, best)"
+    if not static_cache:
+        return (
+            "continuous batching needs the static KV cache (kv_cache = 'static': recipes "
+            "static-kv, compile-decoder, best)"
         )
+    return None
 
 
 class Scheduler:
@@ -133,14 +134,21 @@ class Scheduler:
         """`positions`: cache positions per slot (default the recipe's `max_seq_len` or
         the model's default); `check_every`: decode steps between reads of the tokens
         (default: the recipe's on CUDA, 1 on a CPU, where reading costs no device sync)."""
-        check_schedulable(pipeline)
+        plan = pipeline.stages.plan
+        reason = unsupported(
+            speculates=plan.speculation is not None,
+            num_beams=plan.num_beams,
+            static_cache=plan.cache.fixed_shapes,
+            decoder=family_of(pipeline.model).decoder,
+        )
+        if reason:
+            raise GsoptError(reason)
         if slots < 1:
             raise GsoptError(f"--max-batch must be at least 1, got {slots}")
         if not admit_seconds > 0:
             raise GsoptError(f"the admission budget must be above 0 s, got {admit_seconds}")
         self.pipeline = pipeline
         model = self.model = pipeline.model
-        plan = pipeline.stages.plan
         self.plan = plan
         self.slots = slots
         self.admit_seconds = admit_seconds
