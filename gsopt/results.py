@@ -146,13 +146,15 @@ def environment(device: torch.device) -> dict[str, str]:
     import torch
     import transformers
 
+    from gsopt.runtime import cpu_features
+
     commit = _git("rev-parse", "--short", "HEAD")
     if commit and _git("status", "--porcelain", "--untracked-files=no"):
         commit += "-dirty"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        isa = torch.backends.cpu.get_cpu_capability()
+        isa = " ".join((torch.backends.cpu.get_cpu_capability(), *cpu_features()))
         name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {isa})"
     return {
         "device": name,

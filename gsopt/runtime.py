@@ -50,3 +50,24 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+# The x86 flags that pick a CPU's compute kernels: BF16 dot products (Zen 4, Sapphire
+# Rapids), int8 dot products (VNNI) and the AMX tile units.
+CPU_FEATURES = ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_features() -> tuple[str, ...]:
+    """Which of `CPU_FEATURES` this CPU has (Linux's /proc/cpuinfo; none elsewhere): torch
+    reports only the vector width (`get_cpu_capability`), not the dot-product units."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return ()
+    return tuple(f for f in CPU_FEATURES if f in flags)
+
+
+def has_bf16_dot() -> bool:
+    """Whether bf16 GEMMs run on BF16 dot-product units here, rather than converting to fp32."""
+    return any(f in cpu_features() for f in ("avx512_bf16", "amx_bf16"))
