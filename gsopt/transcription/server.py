@@ -671,6 +671,28 @@ def _draining() -> ApiError:
     return ApiError(503, "the server is shutting down", code="shutting_down")
 
 
+class BearerAuth:
+    """`Authorization: Bearer KEY` on /v1/, as plain ASGI middleware (Starlette's
+    BaseHTTPMiddleware would hide a client's disconnect from the handlers)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            headers = dict(scope["headers"])
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.key):
+                refusal = ApiError(
+                    401,
+                    "a valid API key is required (Authorization: Bearer KEY)",
+                    code="invalid_api_key",
+                )
+                await refusal.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(service: Service) -> FastAPI:
     """The HTTP face of a started service."""
     app = FastAPI(title="gsopt", docs_url=None, redoc_url=None, openapi_url=None)
@@ -684,18 +706,8 @@ def create_app(service: Service) -> FastAPI:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return ApiError(error.status_code, str(error.detail)).response()
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), key):
-                return ApiError(
-                    401,
-                    "a valid API key is required (Authorization: Bearer KEY)",
-                    code="invalid_api_key",
-                ).response()
-        return await call_next(request)
+    if key is not None:
+        app.add_middleware(BearerAuth, key=key)
 
     async def transcribe(request: Request, task: str, endpoint: str) -> Response:
         job = None
