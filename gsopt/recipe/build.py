@@ -28,6 +28,7 @@ from gsopt.model.loader import load_draft_model
 from gsopt.recipe.compile import GEMV_STAGES, describe, portable, wrap
 from gsopt.recipe.settings import Recipe, StageRecipe, load_recipe
 from gsopt.recipe.transforms import changes_model, model_transforms
+from gsopt.runtime import has_bf16_dot
 
 
 def _resolved(recipe: Recipe, device: torch.device, notes: list[str]):
@@ -42,6 +43,11 @@ def _resolved(recipe: Recipe, device: torch.device, notes: list[str]):
         impls["encoder"] = None  # the model keeps its own
     if recipe.linear == "onednn" and device.type == "cuda":
         notes.append("linear = 'onednn' is a CPU kernel; CUDA kept its own linears")
+    if recipe.dtype == "bfloat16" and device.type == "cpu" and not has_bf16_dot():
+        notes.append(
+            "dtype bfloat16: this CPU has no BF16 dot products (avx512_bf16, amx_bf16), "
+            "so its GEMMs convert to fp32 and gain nothing; only memory-bound steps do"
+        )
     return settings, impls
 
 

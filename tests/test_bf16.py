@@ -1,0 +1,48 @@
+"""The `bf16` recipe: every stage in bfloat16, how far that moves an fp32 model, one decode
+graph, and the note on a CPU without BF16 dot products."""
+
+from __future__ import annotations
+
+import torch
+from helpers import AUDIO_TOKEN_ID
+
+import gsopt
+from gsopt.engine.pipeline import Pipeline, Stages
+from gsopt.measure.accuracy import teacher_forced
+from gsopt.recipe import apply, build, load_recipe
+from gsopt.runtime import has_bf16_dot
+
+TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
+
+
+def waves():
+    torch.manual_seed(0)
+    return [torch.randn(16000), torch.randn(7000)]
+
+
+def test_bf16_recipe_casts_every_stage_and_stays_close():
+    torch._dynamo.reset()
+    reference = gsopt.load_model("tiny", seed=1, lora="none")
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    stages = apply(model, load_recipe("bf16"))
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    tokens = Pipeline(reference, Stages.eager(reference))(waves(), TEMPLATE, 12)
+    ours = Pipeline(model, stages)(waves(), TEMPLATE, 12)
+    assert ours.shape == tokens.shape
+    assert stages.decode.graphs == 1 and stages.decode.graph_breaks == 0
+    moved = teacher_forced(reference, model, waves(), TEMPLATE, tokens)
+    assert moved["kl_median"] < 1e-2 and moved["logits_rel_rms_median"] < 0.1
+    # bf16 keeps 8 bits of mantissa: the comparison sees it move
+    assert moved["logits_rel_rms_median"] > 1e-4
+    has_note = any("BF16 dot products" in note for note in stages.report.notes)
+    assert has_note == (not has_bf16_dot())
+
+
+def test_a_cpu_without_bf16_units_gets_a_note(monkeypatch):
+    """The note's condition, on this machine whatever its units (the flag query is the only
+    stand-in: no CPU here lacks them on demand)."""
+    monkeypatch.setattr(build, "has_bf16_dot", lambda: False)
+    stages = apply(gsopt.load_model("tiny", seed=1, lora="none"), load_recipe("bf16"))
+    assert any("no BF16 dot products" in note for note in stages.report.notes)
+    fp32 = apply(gsopt.load_model("tiny", seed=1, lora="none"), load_recipe("compile-decoder"))
+    assert not any("BF16" in note for note in fp32.report.notes)
