@@ -7,6 +7,7 @@ from importlib import resources
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     AUDIO_TOKEN_ID,
     allocations_of_at_least,
@@ -19,6 +20,8 @@ from torch._inductor.utils import run_and_get_code
 import gsopt
 from gsopt.cli import main
 from gsopt.commands import bench
+from gsopt.engine.cpu_gemv import MAX_ROWS
+from gsopt.engine.cpu_int8 import DynamicInt8Linear
 from gsopt.engine.generate import decode_one_token, prefill, setup_cache
 from gsopt.engine.pipeline import Pipeline, Stages
 from gsopt.engine.quantize import is_quantized
@@ -42,6 +45,16 @@ def int8_recipe(tmp_path, saved: str = ""):
     return load_recipe(path)
 
 
+def int8_activations_recipe(tmp_path):
+    """int8-decoder with int8 activations where more than a decode step's rows meet."""
+    path = tmp_path / "int8-activations.toml"
+    text = load_recipe_text("int8-decoder").replace(
+        "lm_head = true", 'lm_head = true\nactivations = "int8"'
+    )
+    path.write_text(text)
+    return load_recipe(path)
+
+
 def int4_recipe(tmp_path, group_size: int = 32):
     """The int4-decoder recipe at a group size that divides the tiny model's width (64)."""
     path = tmp_path / "int4.toml"
@@ -56,14 +69,18 @@ def load_recipe_text(name: str) -> str:
     return resources.files("gsopt.recipes").joinpath(f"{name}.toml").read_text()
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int8-activations", "int4"])
 def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_path):
-    """Each format this CPU runs: int8 (float32 activations) and int4 (torchao's CPU
-    layout, bf16 activations), the lm head included in both."""
+    """Each format this CPU runs: int8 (float32 activations, or int8 ones in the prefill)
+    and int4 (torchao's CPU layout, bf16 activations), the lm head included in all."""
     torch._dynamo.reset()
     reference = gsopt.load_model("tiny", seed=1, lora="none")
     model = gsopt.load_model("tiny", seed=1, lora="none")
-    recipe = load_recipe("int8-decoder") if weights == "int8" else int4_recipe(tmp_path)
+    recipe = {
+        "int8": lambda: load_recipe("int8-decoder"),
+        "int8-activations": lambda: int8_activations_recipe(tmp_path),
+        "int4": lambda: int4_recipe(tmp_path),
+    }[weights]()
     stages = apply(model, recipe)
     assert is_quantized(model.decoder.head.weight)
     tokens = Pipeline(reference, Stages.eager(reference))(waves(), TEMPLATE, 16)
@@ -105,6 +122,29 @@ def test_quantized_step_bytes_match_a_hand_count(tmp_path):
 
     expected = step_bytes(int4, 2)
     assert bench.decode_step_bytes(model, batch, cache_len) == expected
+
+
+def test_int8_activations_take_prefill_rows_and_leave_decode_rows_weight_only(tmp_path):
+    """More rows than a decode step's are rounded to int8 per row and multiplied in int8
+    (VNNI's unsigned-by-signed form where this CPU has it); the reference is the same
+    product in float64. A decode step's rows stay weight-only, bit for bit."""
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    apply(model, int8_activations_recipe(tmp_path))
+    layers = [m for m in model.decoder.modules() if isinstance(m, DynamicInt8Linear)]
+    assert len(layers) == 2 * 4 + 1  # qkv, dense, gate+up and down in 2 layers; the lm head
+    layer = layers[1]
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, layer.in_features)
+    rows = x.reshape(-1, layer.in_features).double()
+    scale = rows.abs().amax(-1, keepdim=True) / 127
+    product = (rows / scale).round() @ layer.weight.qdata.double().t()
+    expected = product * scale * layer.weight.scale.double().flatten()
+    got = layer(x).reshape(-1, layer.out_features).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    weight_only = F.linear(x, layer.weight)
+    assert not torch.allclose(layer(x), weight_only, rtol=1e-4, atol=1e-4)
+    few = x[:1, :MAX_ROWS]
+    assert torch.equal(layer(few), F.linear(few, layer.weight))
 
 
 def _decode_step_code(model, step) -> str:

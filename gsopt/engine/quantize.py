@@ -35,6 +35,9 @@ from gsopt.results import write_atomic
 from gsopt.runtime import DTYPES
 
 WEIGHTS = ("int8", "int4", "float8")
+# What int8 weights multiply: float activations (weight-only), or activations quantized to
+# int8 per row where more than a decode step's rows meet (`gsopt.engine.cpu_int8`, CPUs).
+ACTIVATIONS = ("float", "int8")
 GROUP_SIZES = (32, 64, 128)
 QUANTIZABLE_STAGES = ("decoder", "encoder", "projector")
 
@@ -50,6 +53,7 @@ class Quantization:
     lm_head: bool = False
     stages: tuple[str, ...] = ("decoder",)
     compute_dtype: str | None = None
+    activations: str = "float"
     saved: str = ""
 
 
@@ -102,6 +106,11 @@ def check(model, q: Quantization, device: torch.device) -> None:
     """Refuse, in one line, what torchao would refuse or silently skip."""
     if q.weights == "int4":
         _check_int4_shapes(model, q, device)
+    if q.activations == "int8" and (q.weights != "int8" or device.type != "cpu"):
+        raise GsoptError(
+            f"[quantize] activations = 'int8' takes weights = 'int8' on a CPU (VNNI, AMX), not "
+            f"{q.weights} on {device.type}; put it in a [cpu.quantize] table"
+        )
     torchao_config(q, device)
 
 
@@ -174,12 +183,17 @@ def quantize_model(model, q: Quantization) -> None:
             model.decoder.head = PaddedHead(head, rows)
     if q.saved and Path(q.saved).is_file():
         load_quantized(model, q, Path(q.saved))
-        return
-    config = torchao_config(q, device)
-    for module in _targets(model, q).values():
-        quantize_(module, config, filter_fn=_filter(q))
-    if q.saved:
-        save_quantized(model, q, Path(q.saved))
+    else:
+        config = torchao_config(q, device)
+        for module in _targets(model, q).values():
+            quantize_(module, config, filter_fn=_filter(q))
+        if q.saved:
+            save_quantized(model, q, Path(q.saved))
+    if q.activations == "int8":
+        from gsopt.engine.cpu_int8 import int8_activations_
+
+        for module in _targets(model, q).values():
+            int8_activations_(module)
 
 
 class PaddedHead(nn.Module):

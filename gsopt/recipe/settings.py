@@ -21,7 +21,13 @@ import torch
 from gsopt.engine import attention
 from gsopt.engine.drafts import DRAFT_KINDS
 from gsopt.engine.pipeline import KV_CACHES, STAGES
-from gsopt.engine.quantize import GROUP_SIZES, QUANTIZABLE_STAGES, WEIGHTS, Quantization
+from gsopt.engine.quantize import (
+    ACTIVATIONS,
+    GROUP_SIZES,
+    QUANTIZABLE_STAGES,
+    WEIGHTS,
+    Quantization,
+)
 from gsopt.engine.speculate import MODES as SPECULATION_MODES
 from gsopt.engine.speculate import Speculation
 from gsopt.errors import GsoptError
@@ -125,6 +131,8 @@ def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) ->
     if recipe.quantize is not None:
         q = recipe.quantize
         computing = f" (computing in {q.compute_dtype})" if q.compute_dtype else ""
+        if q.activations == "int8":
+            computing += " and their activations to int8 per row"
         reasons.append(f"quantizes the {', '.join(q.stages)} weights to {q.weights}{computing}")
     return reasons
 
@@ -177,6 +185,7 @@ def _quantization(where: str, table: Any) -> Quantization:
         "weights": WEIGHTS,
         "group_size": GROUP_SIZES,
         "compute_dtype": tuple(DTYPES),
+        "activations": ACTIVATIONS,
     }
     for key, value in table.items():
         if key == "stages":
