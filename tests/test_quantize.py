@@ -3,6 +3,7 @@ decode graph, bytes at their stored size, save and reload, and one-line refusals
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 
 import pytest
@@ -25,7 +26,7 @@ from gsopt.engine.cpu_int8 import DynamicInt8Linear
 from gsopt.engine.generate import decode_one_token, prefill, setup_cache
 from gsopt.engine.pipeline import Pipeline, Stages
 from gsopt.engine.quantize import is_quantized
-from gsopt.measure.accuracy import teacher_forced
+from gsopt.measure.accuracy import stage_errors, teacher_forced
 from gsopt.recipe import apply, load_recipe
 
 pytest.importorskip("torchao")
@@ -268,3 +269,20 @@ def test_a_quantized_state_for_another_shape_is_refused(capsys, tmp_path):
         str(tmp_path / "report"),
     )
     assert "has shape" in err and "delete the file" in err
+
+
+def test_int8_encoder_reports_how_far_each_stage_moved(capsys, tmp_path):
+    """The lossy report names the audio stages' drift: the int8 encoder's and projector's
+    products move their outputs; quantizing only the decoder leaves them exactly as they
+    were."""
+    capsys.readouterr()
+    argv = ["apply", "--model", "tiny", "--recipe", "int8-encoder", "--repeats", "1"]
+    assert main([*argv, "--max-new-tokens", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    [run] = report if isinstance(report, list) else [report]
+    moved = run["accuracy"]["stage_rel_rms"]
+    assert 1e-4 < moved["encoder"] < 0.05 and 1e-4 < moved["projector"] < 0.05
+    reference = gsopt.load_model("tiny", seed=1, lora="none")
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    apply(model, int8_recipe(tmp_path))
+    assert stage_errors(reference, model, waves()) == {"encoder": 0.0, "projector": 0.0}

@@ -16,7 +16,7 @@ from gsopt.audio.frontend import SAMPLE_RATE
 from gsopt.commands import options
 from gsopt.commands.options import at_least, recipe_files, recipe_list
 from gsopt.errors import GsoptError
-from gsopt.measure.accuracy import teacher_forced
+from gsopt.measure.accuracy import stage_errors, teacher_forced
 from gsopt.measure.interleave import Call, interleave, pipeline_runner, ratio_spread
 from gsopt.model import parallel
 from gsopt.model.family import family_of
@@ -188,7 +188,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Teacher-forced on eager's tokens ({acc['positions']} positions): next-token KL "
             f"median {acc['kl_median']:.2e}, max {acc['kl_max']:.2e}; logits' relative RMS "
             f"error median {acc['logits_rel_rms_median']:.2e}, max "
-            f"{acc['logits_rel_rms_max']:.2e}. (Random weights give nearly flat "
+            f"{acc['logits_rel_rms_max']:.2e}; audio stages' relative RMS error: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in acc["stage_rel_rms"].items())
+            + ". (Random weights give nearly flat "
             "distributions whose argmax flips easily: these figures, not token agreement, "
             "measure the change.)"
         )
@@ -251,6 +253,7 @@ def apply_one(
     accuracy = None
     if pipeline.model is not model and lossy and template is not None:  # how far it moved
         accuracy = teacher_forced(model, pipeline.model, waves, template, eager[-1].tokens)
+        accuracy["stage_rel_rms"] = stage_errors(model, pipeline.model, waves)
     speculation = getattr(stages.plan, "speculation", None)
     return {
         "recipe": recipe.to_dict(),

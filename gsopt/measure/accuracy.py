@@ -37,6 +37,23 @@ def logits_along(model, waveforms, template, tokens: torch.Tensor) -> torch.Tens
     return logits.float()
 
 
+@torch.no_grad()
+def stage_errors(reference, model, waveforms) -> dict[str, float]:
+    """Relative RMS error of the audio stages' outputs (the encoder's frames where the mask
+    keeps them, the projector's audio rows) against the reference's, on the same audio: where
+    a lossy recipe's drift starts, beside the logits' figures."""
+    outputs = []
+    for m in (reference, model):
+        pipeline = Pipeline(m, Stages.eager(m))
+        audio, hidden, _, frame_mask, _ = pipeline.embed_audio(waveforms, pipeline.stages)
+        outputs.append((hidden[frame_mask].double().cpu(), audio.double().cpu()))
+    (ref_hidden, ref_audio), (hidden, audio) = outputs
+    return {
+        "encoder": float((hidden - ref_hidden).norm() / ref_hidden.norm()),
+        "projector": float((audio - ref_audio).norm() / ref_audio.norm()),
+    }
+
+
 def teacher_forced(reference, model, waveforms, template, tokens: torch.Tensor) -> dict:
     """Per position: KL(p_reference || p_model) of the next-token distribution and the
     logits' relative RMS error; their medians and maxima over every position of every row."""
