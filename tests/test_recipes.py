@@ -333,3 +333,30 @@ def test_a_corrupt_compile_cache_is_named_and_compiled_around(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout == first.stdout
     assert f"the compile cache at {tmp_path / 'cache'} looks corrupt" in again.stderr
+
+
+def test_many_compiled_pipelines_in_one_process_each_compile_their_own_graphs():
+    """Dynamo limits the graphs kept per function (8), and every pipeline compiles the same
+    step functions for its own model: bench's sixth or seventh interleaved recipe used to fail
+    its fullgraph compile. Ten stages over one function, each called on a module that needs
+    its own graph (as a model of another dtype or quantization does)."""
+    from gsopt.recipe.compile import CompiledStage
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, power: int):
+            super().__init__()
+            self.power = power  # a Python constant: each value is a graph of its own
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x**self.power
+
+    def step(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x).relu()
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 4)
+    modules = [Scaled(power) for power in range(10)]
+    stages = [CompiledStage(step, fullgraph=True) for _ in modules]
+    for stage, module in zip(stages, modules, strict=True):
+        torch.testing.assert_close(stage(module, x), module(x).relu())
+    assert sum(s.graphs for s in stages) == len(modules)

@@ -7,7 +7,9 @@ machine runs, noting each fallback.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -38,6 +40,7 @@ class CompiledStage:
     skips (inductor skips them silently, e.g. for mutated inputs)."""
 
     def __init__(self, fn: Callable, **compile_kwargs: Any):
+        _allow_another_compile_of(fn)
         self.fn = torch.compile(fn, **compile_kwargs)
         self.graphs = self.graph_breaks = self.recompiles = self.cudagraph_skips = 0
         self.calls = 0
@@ -60,6 +63,26 @@ class CompiledStage:
         self.cudagraph_skips += new_skips
         self.calls += 1
         return out
+
+
+# Graphs dynamo keeps per function before it gives up (its default recompile_limit).
+GRAPHS_PER_STAGE = 8
+_stages_of: collections.Counter = collections.Counter()
+
+
+def _allow_another_compile_of(fn: Callable) -> None:
+    """Every pipeline compiles the same step functions (`decode_one_token`, ...) for its own
+    model, and dynamo counts all their graphs against one limit per function: a process
+    holding several compiled pipelines (bench's interleaved recipes) would fail the seventh
+    one's fullgraph compile. Each stage raises the limit by its own allowance."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    code = getattr(getattr(fn, "__func__", fn), "__code__", fn)
+    _stages_of[code] += 1
+    config = torch._dynamo.config
+    needed = GRAPHS_PER_STAGE * _stages_of[code]
+    config.recompile_limit = max(config.recompile_limit, needed)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)
 
 
 def _compile_failure(error: Exception) -> bool:
