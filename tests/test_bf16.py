@@ -10,6 +10,7 @@ import gsopt
 from gsopt.engine.pipeline import Pipeline, Stages
 from gsopt.measure.accuracy import teacher_forced
 from gsopt.recipe import apply, build, load_recipe
+from gsopt.recipe.settings import lossy_reasons
 from gsopt.runtime import has_bf16_dot
 
 TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
@@ -46,3 +47,20 @@ def test_a_cpu_without_bf16_units_gets_a_note(monkeypatch):
     assert any("no BF16 dot products" in note for note in stages.report.notes)
     fp32 = apply(gsopt.load_model("tiny", seed=1, lora="none"), load_recipe("compile-decoder"))
     assert not any("BF16" in note for note in fp32.report.notes)
+
+
+def test_best_runs_bf16_on_a_cpu_with_bf16_units_and_says_it_is_not_float32():
+    best = load_recipe("best")
+    assert best.devices["cpu-bf16"].linear == best.devices["cpu"].linear == "onednn"
+    assert best.devices["cpu"].dtype is None
+    stages = apply(gsopt.load_model("tiny", seed=1, lora="none"), best)
+    said = [note for note in stages.report.notes if "[cpu-bf16]" in note]
+    if has_bf16_dot():
+        assert best.for_device("cpu").dtype == "bfloat16"
+        assert said and "not float32: lossy" in said[0]
+        assert lossy_reasons(best, torch.float32, "cpu") == ["casts the weights to bfloat16"]
+    else:
+        assert best.for_device("cpu") is best.devices["cpu"] and not said
+    # A bf16 model runs [cpu-bf16] losslessly: nothing to say.
+    model = gsopt.load_model("tiny", seed=1, lora="none", dtype=torch.bfloat16)
+    assert not any("[cpu-bf16]" in note for note in apply(model, best).report.notes)

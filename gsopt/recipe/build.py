@@ -27,8 +27,8 @@ from gsopt.model.family import family_of
 from gsopt.model.loader import load_draft_model
 from gsopt.recipe.compile import GEMV_STAGES, describe, portable, wrap
 from gsopt.recipe.settings import Recipe, StageRecipe, load_recipe
-from gsopt.recipe.transforms import changes_model, model_transforms
-from gsopt.runtime import has_bf16_dot
+from gsopt.recipe.transforms import changes_model, model_dtype, model_transforms
+from gsopt.runtime import dtype_name, has_bf16_dot
 
 
 def _resolved(recipe: Recipe, device: torch.device, notes: list[str]):
@@ -183,8 +183,16 @@ def apply(model: torch.nn.Module, recipe: Recipe, draft_model=None) -> Stages | 
     drafts with a model takes it as `draft_model` (`gsopt.model.loader.load_draft_model`),
     unless its [speculate] table names one."""
     device = next(model.parameters()).device
-    recipe = recipe.for_device(device.type)
-    return PIPELINES[family_of(model).name].build(model, recipe, device, [], draft_model)
+    runs = recipe.for_device(device.type)
+    notes = []
+    bf16_table = runs is recipe.devices.get("cpu-bf16") and runs.dtype is not None
+    if bf16_table and runs.dtype != dtype_name(model_dtype(model)):
+        notes.append(
+            f"{recipe.name}: this CPU has BF16 dot products, so its [cpu-bf16] settings run "
+            f"(dtype {runs.dtype}, not {dtype_name(model_dtype(model))}: lossy); for float32 "
+            "pick a recipe without them, e.g. compile-decoder"
+        )
+    return PIPELINES[family_of(model).name].build(model, runs, device, notes, draft_model)
 
 
 def build_pipeline(

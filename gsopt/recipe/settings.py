@@ -31,7 +31,7 @@ from gsopt.engine.quantize import (
 from gsopt.engine.speculate import MODES as SPECULATION_MODES
 from gsopt.engine.speculate import Speculation
 from gsopt.errors import GsoptError
-from gsopt.runtime import DTYPES
+from gsopt.runtime import DTYPES, has_bf16_dot
 
 BACKENDS = ("eager", "compile")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -43,6 +43,10 @@ LINEARS = ("aten", "onednn")
 STAGE_KNOBS = {"attention": attention.STAGES, "cudagraph": ("decode",)}
 # Device types a recipe can hold its own settings for.
 DEVICE_TYPES = ("cpu", "cuda")
+# Tables for a kind of machine within a device type, applied on top of that type's table:
+# `[cpu-bf16]` runs on a CPU with BF16 dot products (avx512_bf16, AMX).
+MACHINE_TABLES = {"cpu-bf16": "cpu"}
+DEVICE_TABLES = (*DEVICE_TYPES, *MACHINE_TABLES)
 # Smallest allowed value of each numeric setting (and the largest, where there is one).
 MINIMUM = {
     "check_every": 1,
@@ -99,7 +103,10 @@ class Recipe:
     devices: dict[str, Recipe] = field(default_factory=dict, hash=False)
 
     def for_device(self, device_type: str) -> Recipe:
-        """What runs on `device_type`: the recipe with that device's table applied."""
+        """What runs on `device_type`: the recipe with that device's table applied (and a
+        CPU with BF16 dot products, its `[cpu-bf16]` table on top)."""
+        if device_type == "cpu" and "cpu-bf16" in self.devices and has_bf16_dot():
+            return self.devices["cpu-bf16"]
         return self.devices.get(device_type, self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,7 +266,7 @@ def _merged(base: dict[str, Any], table: Any, where: str) -> dict[str, Any]:
         raise GsoptError(f"{where} must be a table")
     merged = dict(base)
     for key, value in table.items():
-        if key in DEVICE_TYPES:
+        if key in DEVICE_TABLES:
             raise GsoptError(f"{where}: a device table cannot hold another ([{key}])")
         if (
             key in (*STAGES, "speculate", "quantize")
@@ -274,19 +281,24 @@ def _merged(base: dict[str, Any], table: Any, where: str) -> dict[str, Any]:
 def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
     """A recipe from its TOML tables. `[cpu]` and `[cuda]` tables override any setting on
     that device type (vLLM-style presets: `best` is what measured best on each)."""
-    base = {"name": Path(where).stem, **{k: v for k, v in data.items() if k not in DEVICE_TYPES}}
-    devices = {
-        device: _parse(_merged(base, data[device], f"{where} [{device}]"), f"{where} [{device}]")
+    base = {"name": Path(where).stem, **{k: v for k, v in data.items() if k not in DEVICE_TABLES}}
+    merged = {
+        device: _merged(base, data[device], f"{where} [{device}]")
         for device in DEVICE_TYPES
         if device in data
     }
+    for table, device in MACHINE_TABLES.items():
+        if table in data:
+            under = merged.get(device, base)
+            merged[table] = _merged(under, data[table], f"{where} [{table}]")
+    devices = {table: _parse(data, f"{where} [{table}]") for table, data in merged.items()}
     return dataclasses.replace(_parse(base, where), devices=devices)
 
 
 def _parse(data: dict[str, Any], where: str) -> Recipe:
     tables = (*STAGES, "speculate", "quantize", "devices")
     top = [f.name for f in dataclasses.fields(Recipe) if f.name not in tables]
-    allowed = top + list(STAGES) + ["speculate", "quantize", *DEVICE_TYPES]
+    allowed = top + list(STAGES) + ["speculate", "quantize", *DEVICE_TABLES]
     for key in data:
         if key not in allowed:
             raise GsoptError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
