@@ -6,8 +6,9 @@ and a request that arrives mid-batch waits for the whole batch. Here the schedul
 cache of S rows (slots) and loops:
 
 1. admit: waiting sequences (one window of one request each) take the free slots. Their
-   frontend, encoder and projector run as one batch, and their prompts are prefilled into
-   the free rows (`generate.prefill(..., rows=slots)`), each row at its own positions;
+   frontend, encoder and projector run as one batch (one per group of similar lengths, so
+   little of it is padding), and their prompts are prefilled into the free rows
+   (`generate.prefill(..., rows=slots)`), each row at its own positions;
 2. decode: the recipe's decode step runs over all S slots at once (one compiled or captured
    graph: fixed shapes, per-row positions, the done mask), a few steps at a time;
 3. read the new tokens (the only host sync): a row that said end-of-text, spent its token
@@ -265,9 +266,9 @@ class Scheduler:
         self._free_cancelled()
         free = [slot for slot, row in enumerate(self.rows) if row is None]
         if free:
-            picked = self._pick(len(free))
-            if picked:
-                self._admit(picked, free[: len(picked)])
+            for group in _by_length(self._pick(len(free))):
+                self._admit(group, free[: len(group)])
+                free = free[len(group) :]
         if self.active:
             try:
                 self._decode()
@@ -422,6 +423,19 @@ class Scheduler:
         else:
             self.stats.finished += 1
         _tell(seq, fresh or [])
+
+
+def _by_length(picked: list[Sequence]) -> list[list[Sequence]]:
+    """A round's sequences in groups of similar length, longest first (each group's
+    shortest at least half its longest): the audio stages and the prefill pay for padding,
+    and on a CPU batching them saves nothing, so a 2 s clip does not pad to a 30 s one."""
+    groups: list[list[Sequence]] = []
+    for seq in sorted(picked, key=lambda s: -len(s.waveform)):
+        if groups and 2 * len(seq.waveform) >= len(groups[-1][0].waveform):
+            groups[-1].append(seq)
+        else:
+            groups.append([seq])
+    return groups
 
 
 def _tell(seq: Sequence, fresh: list[int]) -> None:
