@@ -46,13 +46,12 @@ def int8_recipe(tmp_path, saved: str = ""):
     return load_recipe(path)
 
 
-def int8_activations_recipe(tmp_path):
-    """int8-decoder with int8 activations where more than a decode step's rows meet."""
-    path = tmp_path / "int8-activations.toml"
-    text = load_recipe_text("int8-decoder").replace(
-        "lm_head = true", 'lm_head = true\nactivations = "int8"'
-    )
-    path.write_text(text)
+def int8_weight_only_recipe(tmp_path):
+    """int8-decoder with float activations in the prefill too (its CPU form quantizes them)."""
+    path = tmp_path / "int8-weight-only.toml"
+    text = load_recipe_text("int8-decoder")
+    assert 'activations = "int8"' in text
+    path.write_text(text.replace('activations = "int8"', 'activations = "float"'))
     return load_recipe(path)
 
 
@@ -70,7 +69,7 @@ def load_recipe_text(name: str) -> str:
     return resources.files("gsopt.recipes").joinpath(f"{name}.toml").read_text()
 
 
-@pytest.mark.parametrize("weights", ["int8", "int8-activations", "int4"])
+@pytest.mark.parametrize("weights", ["int8-weight-only", "int8", "int4"])
 def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_path):
     """Each format this CPU runs: int8 (float32 activations, or int8 ones in the prefill)
     and int4 (torchao's CPU layout, bf16 activations), the lm head included in all."""
@@ -78,8 +77,8 @@ def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_pa
     reference = gsopt.load_model("tiny", seed=1, lora="none")
     model = gsopt.load_model("tiny", seed=1, lora="none")
     recipe = {
+        "int8-weight-only": lambda: int8_weight_only_recipe(tmp_path),
         "int8": lambda: load_recipe("int8-decoder"),
-        "int8-activations": lambda: int8_activations_recipe(tmp_path),
         "int4": lambda: int4_recipe(tmp_path),
     }[weights]()
     stages = apply(model, recipe)
@@ -130,7 +129,7 @@ def test_int8_activations_take_prefill_rows_and_leave_decode_rows_weight_only(tm
     (VNNI's unsigned-by-signed form where this CPU has it); the reference is the same
     product in float64. A decode step's rows stay weight-only, bit for bit."""
     model = gsopt.load_model("tiny", seed=1, lora="none")
-    apply(model, int8_activations_recipe(tmp_path))
+    apply(model, load_recipe("int8-decoder"))
     layers = [m for m in model.decoder.modules() if isinstance(m, DynamicInt8Linear)]
     assert len(layers) == 2 * 4 + 1  # qkv, dense, gate+up and down in 2 layers; the lm head
     layer = layers[1]
