@@ -86,14 +86,12 @@ def workload(n: int, seed: int, tokens_per_second: float) -> list[Request]:
 
 
 class Continuous:
-    """The scheduler on its own thread, as `gsopt serve` runs it."""
+    """The scheduler, as `gsopt serve` runs it."""
 
     def __init__(self, transcriber: Transcriber, slots: int):
         self.template = transcriber.template
         self.scheduler = Scheduler(transcriber.pipeline, slots)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.scheduler.run, args=(self.stop,))
-        self.thread.start()
+        self.stopping = threading.Event()
 
     def submit(self, request: Request) -> None:
         def finished(seq: Sequence, _: list[int]) -> None:
@@ -105,10 +103,12 @@ class Continuous:
         seq = Sequence(request.wave, self.template, request.budget, listener=finished)
         self.scheduler.submit(seq)
 
-    def close(self) -> None:
-        self.stop.set()
+    def serve(self) -> None:
+        self.scheduler.run(self.stopping)
+
+    def stop(self) -> None:
+        self.stopping.set()
         self.scheduler.wake()
-        self.thread.join()
 
 
 class Static:
@@ -118,9 +118,7 @@ class Static:
         self.pipeline, self.template, self.batch = transcriber.pipeline, transcriber.template, batch
         self.waiting: deque[Request] = deque()
         self.lock = threading.Condition()
-        self.closing = False
-        self.thread = threading.Thread(target=self.run)
-        self.thread.start()
+        self.stopping = False
 
     def submit(self, request: Request) -> None:
         with self.lock:
@@ -128,10 +126,10 @@ class Static:
             self.waiting.append(request)
             self.lock.notify()
 
-    def run(self) -> None:
+    def serve(self) -> None:
         while True:
             with self.lock:
-                while not self.waiting and not self.closing:
+                while not self.waiting and not self.stopping:
                     self.lock.wait()
                 if not self.waiting:
                     return
@@ -143,17 +141,35 @@ class Static:
                 request.finish = now
                 request.done.set()
 
-    def close(self) -> None:
+    def stop(self) -> None:
         with self.lock:
-            self.closing = True
+            self.stopping = True
             self.lock.notify()
-        self.thread.join()
 
 
 def engine(name: str, transcriber: Transcriber, slots: int):
     if name == "continuous":
         return Continuous(transcriber, slots)
     return Static(transcriber, slots if name == "static" else 1)
+
+
+def drive(runner, clients) -> None:
+    """The engine on this thread (the one that loaded the model: a second thread running
+    torch would start a second OpenMP team, and two teams on two cores stop spin-waiting,
+    which slowed batched steps 2.5x here), `clients` on threads of their own."""
+    threads = [threading.Thread(target=client, args=(runner,)) for client in clients]
+
+    def finish() -> None:
+        for thread in threads:
+            thread.join()
+        runner.stop()
+
+    for thread in threads:
+        thread.start()
+    closer = threading.Thread(target=finish)
+    closer.start()
+    runner.serve()
+    closer.join()
 
 
 def summary(requests: list[Request], start: float) -> dict:
@@ -180,28 +196,29 @@ def summary(requests: list[Request], start: float) -> dict:
 
 
 def unloaded(transcriber: Transcriber, name: str, slots: int, tokens_per_second: float) -> dict:
-    runner = engine(name, transcriber, slots)
-    out = {}
-    try:
+    out: dict[str, float] = {}
+    waves = {s: clip(s) for s in set(LENGTHS)}  # here: torch in a client thread slows all
+
+    def client(runner) -> None:
         for seconds in sorted(set(LENGTHS)):
             times = []
             for _ in range(3):
-                request = Request(seconds, math.ceil(tokens_per_second * seconds), clip(seconds))
+                budget = math.ceil(tokens_per_second * seconds)
+                request = Request(seconds, budget, waves[seconds])
                 runner.submit(request)
                 request.done.wait()
                 times.append(request.latency)
             out[str(seconds)] = statistics.median(times)
-    finally:
-        runner.close()
+
+    drive(engine(name, transcriber, slots), [client])
     return out
 
 
 def closed_loop(transcriber, name, slots, clients, requests: list[Request]) -> dict:
-    runner = engine(name, transcriber, slots)
     todo = deque(requests)
     lock = threading.Lock()
 
-    def client() -> None:
+    def client(runner) -> None:
         while True:
             with lock:
                 if not todo:
@@ -211,31 +228,24 @@ def closed_loop(transcriber, name, slots, clients, requests: list[Request]) -> d
             request.done.wait()
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        runner.close()
+    drive(engine(name, transcriber, slots), [client] * clients)
     return summary(requests, start)
 
 
 def open_loop(transcriber, name, slots, rate: float, requests: list[Request], seed: int) -> dict:
-    runner = engine(name, transcriber, slots)
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(requests))
     start = time.perf_counter()
-    at = start
-    try:
+
+    def arrivals(runner) -> None:
+        at = start
         for request, gap in zip(requests, gaps, strict=True):
             at += gap
             time.sleep(max(0.0, at - time.perf_counter()))
             runner.submit(request)
         for request in requests:
             request.done.wait()
-    finally:
-        runner.close()
+
+    drive(engine(name, transcriber, slots), [arrivals])
     result = summary(requests, start)
     result["offered_requests_per_s"] = rate
     result["offered_audio_s_per_s"] = rate * statistics.mean(r.seconds for r in requests)
@@ -488,9 +498,10 @@ def main() -> int:
     if "serving" in parts:
         serving(args, transcriber, data)
     if "corpus" in parts and args.corpus:
-        corpus(transcriber, args.slots, 8, 0.0, args.seed)  # warm-up
+        corpus(transcriber, args.slots, 16, 0.0, args.seed, 1)  # warm-up
         data["corpus"] = [
-            corpus(transcriber, args.slots, args.corpus, spread, args.seed) for spread in (0.0, 0.5)
+            corpus(transcriber, args.slots, args.corpus, spread, args.seed, args.rounds)
+            for spread in (0.0, 0.5)
         ]
         print(json.dumps(data["corpus"], indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

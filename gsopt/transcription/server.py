@@ -2,8 +2,9 @@
 
 `create_app(service)` is a FastAPI app with OpenAI's audio API (`POST /v1/audio/transcriptions`
 and `/v1/audio/translations`, multipart), `GET /v1/models`, `GET /health` and `GET /metrics`
-(Prometheus text). `Service` owns the loaded model and its `Scheduler`, which runs on a
-thread of its own; request handlers hand it windows and wait for their tokens.
+(Prometheus text). `Service` owns the loaded model and its `Scheduler`, which runs on the
+thread that loaded the model (`gsopt serve`) or on one of its own (`Service.start`); request
+handlers hand it windows and wait for their tokens.
 
 A request's life: the form is checked (fields, types, the 25 MB and 600 s caps, that the
 file is audio) before any model work, and each mistake answers 400/404/413 in OpenAI's
