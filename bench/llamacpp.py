@@ -132,7 +132,7 @@ def find_converter(source: Path | None, work: Path) -> Path:
         print(f"fetching the llama-cpp-python {version} sdist for its converter", file=sys.stderr)
         done = subprocess.run(
             [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}"]
-            + ["--no-deps", "--no-binary", ":all:", "--no-build-isolation", "-d", str(folder)],
+            + ["--no-deps", "--no-binary", ":all:", "-d", str(folder)],
             capture_output=True,
             text=True,
             check=False,
@@ -423,6 +423,8 @@ def summarize(calls, prompt_len: int, step_bytes: int, ceiling: float) -> dict:
         "bytes_per_token": step_bytes,
         "achieved_GBps": step_bytes / (decode["median_ms"] / 1e3) / 1e9,
         "first_call_ms": 1e3 * calls[0].total,
+        "round_decode_medians_ms": [1e3 * t for t in _round_medians(calls, "decode")],
+        "round_prefill_ms": [1e3 * t for t in _round_medians(calls, "prefill")],
     }
     try:
         row["roofline"] = roofline(step_bytes, decode["median_ms"] / 1e3, ceiling)
@@ -514,9 +516,10 @@ def chart(result: dict) -> bytes:
     labels = [f"{p['precision']} / {p['recipe']}" for p in pairs]
     fig, axes = plt.subplots(1, 2, figsize=(11, 1.6 + 0.55 * len(pairs)))
     height = 0.38
+    prompt = result["settings"]["prompt_tokens"]
     for ax, key, title in (
         (axes[0], "decode", "decode ms/token (median; lower is faster)"),
-        (axes[1], "prompt", f"prompt tokens/s ({result['settings']['prompt_tokens']} tokens)"),
+        (axes[1], "prompt", f"prompt tokens/s ({prompt} tokens; higher is faster)"),
     ):
         for i, engine in enumerate(("llama.cpp", "gsopt")):
             rows = [result["rows"][p[engine]] for p in pairs]
@@ -683,6 +686,8 @@ def run(args: argparse.Namespace) -> dict:
     calls = interleave(runners, args.rounds + 1, after_call=after)
     del ceiling.weight
     rows = {n: summarize(calls[n], prompt_len, step_bytes[n], ceiling.best) for n in runners}
+    for recipe, pipeline in pipelines.items():
+        rows[f"gsopt {recipe}"]["notes"] = list(pipeline.stages.report.notes)
     pairs = []
     for p in precisions:
         llama_name, mine = f"{LLAMA} {p}", f"gsopt {PAIRS[p]}"
