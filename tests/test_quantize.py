@@ -69,25 +69,28 @@ def load_recipe_text(name: str) -> str:
     return resources.files("gsopt.recipes").joinpath(f"{name}.toml").read_text()
 
 
-@pytest.mark.parametrize("weights", ["int8-weight-only", "int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8-weight-only", "int8", "int8-one-row", "int4"])
 def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_path):
-    """Each format this CPU runs: int8 (float32 activations, or int8 ones in the prefill)
-    and int4 (torchao's CPU layout, bf16 activations), the lm head included in all."""
+    """Each format this CPU runs: int8 (float32 activations, or int8 ones in the prefill and,
+    at batch 1, the decode step) and int4 (torchao's CPU layout, bf16 activations), the lm
+    head included in all."""
     torch._dynamo.reset()
     reference = gsopt.load_model("tiny", seed=1, lora="none")
     model = gsopt.load_model("tiny", seed=1, lora="none")
     recipe = {
         "int8-weight-only": lambda: int8_weight_only_recipe(tmp_path),
         "int8": lambda: load_recipe("int8-decoder"),
+        "int8-one-row": lambda: load_recipe("int8-decoder"),
         "int4": lambda: int4_recipe(tmp_path),
     }[weights]()
+    clips = waves()[:1] if weights == "int8-one-row" else waves()
     stages = apply(model, recipe)
     assert is_quantized(model.decoder.head.weight)
-    tokens = Pipeline(reference, Stages.eager(reference))(waves(), TEMPLATE, 16)
-    quantized = Pipeline(model, stages)(waves(), TEMPLATE, 16)
+    tokens = Pipeline(reference, Stages.eager(reference))(clips, TEMPLATE, 16)
+    quantized = Pipeline(model, stages)(clips, TEMPLATE, 16)
     assert stages.decode.graphs == 1 and stages.decode.graph_breaks == 0
-    moved = teacher_forced(reference, model, waves(), TEMPLATE, tokens)
-    assert moved["positions"] == 32
+    moved = teacher_forced(reference, model, clips, TEMPLATE, tokens)
+    assert moved["positions"] == 16 * len(clips)
     assert moved["kl_median"] < 1e-3 and moved["logits_rel_rms_median"] < 0.15
     # the check can see a change: quantization does move the logits
     assert moved["logits_rel_rms_median"] > 1e-4
@@ -124,27 +127,29 @@ def test_quantized_step_bytes_match_a_hand_count(tmp_path):
     assert bench.decode_step_bytes(model, batch, cache_len) == expected
 
 
-def test_int8_activations_take_prefill_rows_and_leave_decode_rows_weight_only(tmp_path):
-    """More rows than a decode step's are rounded to int8 per row and multiplied in int8
-    (VNNI's unsigned-by-signed form where this CPU has it); the reference is the same
-    product in float64. A decode step's rows stay weight-only, bit for bit."""
+def test_int8_activations_take_one_row_and_prefill_rows_and_leave_a_few_weight_only(tmp_path):
+    """One row (batch-1 decoding) and more rows than a batched decode step's are rounded to
+    int8 per row and multiplied in int8 (VNNI's unsigned-by-signed form where this CPU has
+    it); the reference is the same product in float64. Two to MAX_ROWS rows stay
+    weight-only, bit for bit."""
     model = gsopt.load_model("tiny", seed=1, lora="none")
     apply(model, load_recipe("int8-decoder"))
     layers = [m for m in model.decoder.modules() if isinstance(m, DynamicInt8Linear)]
     assert len(layers) == 2 * 4 + 1  # qkv, dense, gate+up and down in 2 layers; the lm head
     layer = layers[1]
     torch.manual_seed(0)
-    x = torch.randn(2, 9, layer.in_features)
-    rows = x.reshape(-1, layer.in_features).double()
-    scale = rows.abs().amax(-1, keepdim=True) / 127
-    product = (rows / scale).round() @ layer.weight.qdata.double().t()
-    expected = product * scale * layer.weight.scale.double().flatten()
-    got = layer(x).reshape(-1, layer.out_features).double()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    weight_only = F.linear(x, layer.weight)
-    assert not torch.allclose(layer(x), weight_only, rtol=1e-4, atol=1e-4)
-    few = x[:1, :MAX_ROWS]
-    assert torch.equal(layer(few), F.linear(few, layer.weight))
+    for x in (torch.randn(2, 9, layer.in_features), torch.randn(1, 1, layer.in_features)):
+        rows = x.reshape(-1, layer.in_features).double()
+        scale = rows.abs().amax(-1, keepdim=True) / 127
+        product = (rows / scale).round() @ layer.weight.qdata.double().t()
+        expected = product * scale * layer.weight.scale.double().flatten()
+        got = layer(x).reshape(-1, layer.out_features).double()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        weight_only = F.linear(x, layer.weight)
+        assert not torch.allclose(layer(x), weight_only, rtol=1e-4, atol=1e-4)
+    for count in (2, MAX_ROWS):
+        few = torch.randn(1, count, layer.in_features)
+        assert torch.equal(layer(few), F.linear(few, layer.weight))
 
 
 def _decode_step_code(model, step) -> str:
@@ -157,14 +162,14 @@ def _decode_step_code(model, step) -> str:
     return "\n".join(codes)
 
 
-def test_int8_decode_step_converts_weights_in_registers():
+def test_int8_decode_step_converts_weights_in_registers(tmp_path):
     """torchao computes `x @ qdata.t().to(float32) * scale`; compiled as it is (or through
     inductor's own decomposition, which realizes its inputs) that writes every weight out in
     float32 on every step. gsopt.engine.cpu_gemv fuses the conversion into the product's reduction:
     no buffer the size of a weight is allocated."""
     torch._dynamo.reset()
     model = gsopt.load_model("tiny", seed=1, lora="none")
-    stages = apply(model, load_recipe("int8-decoder"))
+    stages = apply(model, int8_weight_only_recipe(tmp_path))
     smallest = min(
         m.weight.qdata.numel()
         for m in model.decoder.modules()

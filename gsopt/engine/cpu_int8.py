@@ -7,9 +7,14 @@ per-channel int8 weights with `torch._int_mm`, which runs on oneDNN. VNNI multip
 by signed bytes, so without AMX the rows are shifted by 128 to uint8 and the shift is taken
 back out with each output channel's weight sum. torchao's dynamic-activation linear does the
 same but sums the weights on every call, a second full read of them; here the sums are
-computed once. A decode step's few rows stay weight-only (`gsopt.engine.cpu_gemv` fuses their
-int8-to-float conversion into the product's reduction), which reads memory faster than
-`_int_mm` does for one row.
+computed once.
+
+Rows per product, measured on a 2-core AVX-512 EPYC (VNNI, no AMX), 176 MB of [4096, 1024]
+int8 weights: one row runs oneDNN's int8 GEMV at the memory rate (48 GB/s, 3.8 ms), where the
+weight-only step converts every weight to float first (28 GB/s in the compiled decode step);
+2 to 8 rows fall to a GEMM kernel at 16 GB/s, so a batched decode step's rows stay weight-only
+(`gsopt.engine.cpu_gemv` fuses their conversion into the product's reduction); more rows are
+compute-bound, and int8 products win again.
 """
 
 from __future__ import annotations
@@ -37,9 +42,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).clamp(-127, 127), scale
 
 
+def takes_int8_rows(rows: int) -> bool:
+    """Whether a product over `rows` rows quantizes them (see the module's measurements)."""
+    return rows == 1 or rows > MAX_ROWS
+
+
 class DynamicInt8Linear(nn.Module):
-    """A torchao int8 weight-only linear whose products over more than `MAX_ROWS` rows
-    quantize their activations to int8 too. The weight stays the torchao tensor (saved,
+    """A torchao int8 weight-only linear whose products over one row or more than `MAX_ROWS`
+    rows quantize their activations to int8 too. The weight stays the torchao tensor (saved,
     loaded and counted as before); the int8 data, scales and weight sums are views and
     buffers derived from it, not saved."""
 
@@ -56,7 +66,7 @@ class DynamicInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= MAX_ROWS:
+        if not takes_int8_rows(rows.shape[0]):
             return F.linear(x, self.weight, self.bias)
         values, scale = quantize_rows(rows)
         if self.unsigned:

@@ -36,7 +36,7 @@ from gsopt.runtime import DTYPES
 
 WEIGHTS = ("int8", "int4", "float8")
 # What int8 weights multiply: float activations (weight-only), or activations quantized to
-# int8 per row where more than a decode step's rows meet (`gsopt.engine.cpu_int8`, CPUs).
+# int8 per row where int8 products are faster: one row, or a prefill's (`gsopt.engine.cpu_int8`).
 ACTIVATIONS = ("float", "int8")
 GROUP_SIZES = (32, 64, 128)
 QUANTIZABLE_STAGES = ("decoder", "encoder", "projector")
