@@ -22,6 +22,7 @@ import gsopt
 from gsopt.cli import main
 from gsopt.commands import bench
 from gsopt.engine.cpu_gemv import MAX_ROWS
+from gsopt.engine.cpu_int4 import DEQUANTIZE_ROWS, DequantizingInt4Linear, unpack_int4
 from gsopt.engine.cpu_int8 import DynamicInt8Linear
 from gsopt.engine.generate import decode_one_token, prefill, setup_cache
 from gsopt.engine.pipeline import Pipeline, Stages
@@ -84,6 +85,8 @@ def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_pa
         "int4": lambda: int4_recipe(tmp_path),
     }[weights]()
     clips = waves()[:1] if weights == "int8-one-row" else waves()
+    if weights == "int4":  # prompts past DEQUANTIZE_ROWS: the prefill dequantizes (cpu_int4)
+        clips = [torch.cat([clip] * 6) for clip in clips]
     stages = apply(model, recipe)
     assert is_quantized(model.decoder.head.weight)
     tokens = Pipeline(reference, Stages.eager(reference))(clips, TEMPLATE, 16)
@@ -150,6 +153,46 @@ def test_int8_activations_take_one_row_and_prefill_rows_and_leave_a_few_weight_o
     for count in (2, MAX_ROWS):
         few = torch.randn(1, count, layer.in_features)
         assert torch.equal(layer(few), F.linear(few, layer.weight))
+
+
+@pytest.mark.parametrize("rows", [64 * 3, 64 * 2 + 16])
+def test_int4_unpacking_reads_back_the_cpu_kernels_layout(rows):
+    """Whole 64-row blocks and a short last block (a padded head's), against the values
+    `_convert_weight_to_int4pack_for_cpu` packed."""
+    values = torch.randint(
+        0, 16, (rows, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+    )
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    if packed.shape != (rows, 128):
+        pytest.skip(f"this CPU's int4 layout is not AVX-512's ({tuple(packed.shape)})")
+    assert torch.equal(unpack_int4(packed, rows, 256).to(torch.int32), values)
+
+
+def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
+    """A prefill's rows multiply the int4 weight dequantized to bf16 (one GEMM); a decode
+    step's keep torchao's kernel. Both equal the same int4 weight in float64, within bf16."""
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    apply(model, int4_recipe(tmp_path))
+    layers = [m for m in model.decoder.modules() if isinstance(m, DequantizingInt4Linear)]
+    if not layers:
+        pytest.skip("this CPU's int4 layout is not AVX-512's: the kernel keeps every row")
+    assert len(layers) == 2 * 4 + 1  # qkv, dense, gate+up and down in 2 layers; the lm head
+    layer = layers[2]
+    weight = layer.weight
+    cols = weight.shape[1]
+    # the reference: the kernel's own rows (decode-sized products) of an identity, in float64
+    identity = torch.eye(cols, dtype=torch.bfloat16)
+    reference = torch.cat([F.linear(identity[i : i + 8], weight) for i in range(0, cols, 8)])
+    reference = reference.double().t()  # [N, K]: the weight as the kernel dequantizes it
+    torch.manual_seed(0)
+    for count in (DEQUANTIZE_ROWS, 1, 200):
+        x = torch.randn(count, cols, dtype=torch.bfloat16)
+        expected = x.double() @ reference.t()
+        got = layer(x).double()
+        torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02 * expected.abs().max())
+    many = torch.randn(DEQUANTIZE_ROWS, cols, dtype=torch.bfloat16)
+    # the check can tell the paths apart: the kernel's float32 dequantization differs in bits
+    assert not torch.equal(layer(many), F.linear(many, weight))
 
 
 def _decode_step_code(model, step) -> str:

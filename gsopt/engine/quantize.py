@@ -16,7 +16,8 @@ Which kernel runs matters more than the format (measured on a 2-core AVX-512 EPY
   the CPU; on CUDA this is the path (`compute_dtype = "bfloat16"`).
 - int4 on a CPU: torchao's prototype `Int4OpaqueTensor` calls
   `_weight_int4pack_mm_for_cpu`, 13.5 GB/s with bf16 activations and a trap with float32
-  ones (0.6 GB/s), so the int4 recipe computes in bf16 there.
+  ones (0.6 GB/s), so the int4 recipe computes in bf16 there. A prefill's many rows
+  dequantize to bf16 and run oneDNN's GEMM instead (`gsopt.engine.cpu_int4`).
 Any quantization makes a recipe lossy: its reports give token agreement, KL divergence and
 logit error instead of demanding identical tokens.
 """
@@ -189,6 +190,11 @@ def quantize_model(model, q: Quantization) -> None:
             quantize_(module, config, filter_fn=_filter(q))
         if q.saved:
             save_quantized(model, q, Path(q.saved))
+    if q.weights == "int4" and device.type == "cpu":
+        from gsopt.engine.cpu_int4 import dequantizing_prefill_
+
+        for module in _targets(model, q).values():
+            dequantizing_prefill_(module)
     if q.activations == "int8":
         from gsopt.engine.cpu_int8 import int8_activations_
 
