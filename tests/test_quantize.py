@@ -22,11 +22,12 @@ import gsopt
 from gsopt.cli import main
 from gsopt.commands import bench
 from gsopt.engine.cpu_gemv import MAX_ROWS
-from gsopt.engine.cpu_int4 import DEQUANTIZE_ROWS, DequantizingInt4Linear, unpack_int4
+from gsopt.engine.cpu_int4 import DEQUANTIZE_ROWS, CpuInt4Linear, unpack_int4
 from gsopt.engine.cpu_int8 import DynamicInt8Linear
 from gsopt.engine.generate import decode_one_token, prefill, setup_cache
 from gsopt.engine.pipeline import Pipeline, Stages
 from gsopt.engine.quantize import is_quantized
+from gsopt.kernels import int4_gemv
 from gsopt.measure.accuracy import stage_errors, teacher_forced
 from gsopt.recipe import apply, load_recipe
 
@@ -70,7 +71,9 @@ def load_recipe_text(name: str) -> str:
     return resources.files("gsopt.recipes").joinpath(f"{name}.toml").read_text()
 
 
-@pytest.mark.parametrize("weights", ["int8-weight-only", "int8", "int8-one-row", "int4"])
+@pytest.mark.parametrize(
+    "weights", ["int8-weight-only", "int8", "int8-one-row", "int4", "int4-one-row"]
+)
 def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_path):
     """Each format this CPU runs: int8 (float32 activations, or int8 ones in the prefill and,
     at batch 1, the decode step) and int4 (torchao's CPU layout, bf16 activations), the lm
@@ -83,9 +86,10 @@ def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_pa
         "int8": lambda: load_recipe("int8-decoder"),
         "int8-one-row": lambda: load_recipe("int8-decoder"),
         "int4": lambda: int4_recipe(tmp_path),
+        "int4-one-row": lambda: int4_recipe(tmp_path),
     }[weights]()
-    clips = waves()[:1] if weights == "int8-one-row" else waves()
-    if weights == "int4":  # prompts past DEQUANTIZE_ROWS: the prefill dequantizes (cpu_int4)
+    clips = waves()[:1] if weights.endswith("one-row") else waves()
+    if weights.startswith("int4"):  # prompts past DEQUANTIZE_ROWS: the prefill dequantizes
         clips = [torch.cat([clip] * 6) for clip in clips]
     stages = apply(model, recipe)
     assert is_quantized(model.decoder.head.weight)
@@ -173,7 +177,7 @@ def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
     step's keep torchao's kernel. Both equal the same int4 weight in float64, within bf16."""
     model = gsopt.load_model("tiny", seed=1, lora="none")
     apply(model, int4_recipe(tmp_path))
-    layers = [m for m in model.decoder.modules() if isinstance(m, DequantizingInt4Linear)]
+    layers = [m for m in model.decoder.modules() if isinstance(m, CpuInt4Linear)]
     if not layers:
         pytest.skip("this CPU's int4 layout is not AVX-512's: the kernel keeps every row")
     assert len(layers) == 2 * 4 + 1  # qkv, dense, gate+up and down in 2 layers; the lm head
@@ -185,7 +189,7 @@ def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
     reference = torch.cat([F.linear(identity[i : i + 8], weight) for i in range(0, cols, 8)])
     reference = reference.double().t()  # [N, K]: the weight as the kernel dequantizes it
     torch.manual_seed(0)
-    for count in (DEQUANTIZE_ROWS, 1, 200):
+    for count in (DEQUANTIZE_ROWS, 2, 200):
         x = torch.randn(count, cols, dtype=torch.bfloat16)
         expected = x.double() @ reference.t()
         got = layer(x).double()
@@ -193,6 +197,53 @@ def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
     many = torch.randn(DEQUANTIZE_ROWS, cols, dtype=torch.bfloat16)
     # the check can tell the paths apart: the kernel's float32 dequantization differs in bits
     assert not torch.equal(layer(many), F.linear(many, weight))
+
+
+@pytest.mark.parametrize(("rows", "cols", "group"), [(192, 256, 32), (64 * 5 + 16, 512, 128)])
+def test_int4_gemv_matches_its_plain_torch_reference(rows, cols, group):
+    """gsopt's VNNI kernel against its float64 reference (the row quantized to int8 per
+    group), whole 64-row blocks and a short last block; and it is not the torchao kernel's
+    product (which keeps the row in float) but stays near it."""
+    from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+
+    if why := int4_gemv.unavailable():
+        pytest.skip(why)
+    generator = torch.Generator().manual_seed(rows)
+    weight = Int4OpaqueTensor.from_hp(
+        torch.randn(rows, cols, generator=generator).bfloat16(), [1, group]
+    )
+    values = unpack_int4(weight.qdata, rows, cols)
+    x = torch.randn(1, cols, generator=generator)
+    expected = int4_gemv.reference(x, values, weight.scale_and_zero, group)
+    got = int4_gemv.int4_gemv(weight, x).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.bfloat16(), weight.qdata, group, weight.scale_and_zero
+    ).double()
+    moved = (got - kernel).norm() / kernel.norm()
+    assert 1e-4 < moved < 0.03
+
+
+def test_int4_one_row_products_take_the_vnni_kernel_only_where_asked(tmp_path):
+    """int4-decoder ([cpu.quantize] activations = "int8") sends one row to the kernel; the
+    same recipe with float activations keeps torchao's kernel for it."""
+    if why := int4_gemv.unavailable():
+        pytest.skip(why)
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    apply(model, int4_recipe(tmp_path))
+    layer = next(m for m in model.decoder.modules() if isinstance(m, CpuInt4Linear))
+    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), int4_gemv.int4_gemv(layer.weight, x[0]).view_as(layer(x)))
+    path = tmp_path / "int4-float.toml"
+    path.write_text(
+        (tmp_path / "int4.toml")
+        .read_text()
+        .replace('activations = "int8"', 'activations = "float"')
+    )
+    plain = gsopt.load_model("tiny", seed=1, lora="none")
+    apply(plain, load_recipe(path))
+    layer = next(m for m in plain.decoder.modules() if isinstance(m, CpuInt4Linear))
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
 
 
 def _decode_step_code(model, step) -> str:

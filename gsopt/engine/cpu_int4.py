@@ -1,4 +1,4 @@
-"""int4 prefills on x86 CPUs at the bf16 GEMM rate.
+"""int4 on x86 CPUs: prefills at the bf16 GEMM rate, one-row products on VNNI.
 
 torchao's CPU int4 linear (`Int4OpaqueTensor`) calls `_weight_int4pack_mm_for_cpu`, which
 dequantizes inside its inner loop: compute-bound at about 340 GFLOP/s for any row count on a
@@ -13,6 +13,10 @@ width: on AVX-512, blocks of 64 output rows, each k's 32 bytes holding rows d an
 (low, high nibble) then d + 16 and d + 48, and a short last block as row pairs. Each layer's
 unpacking is checked when it is wrapped (packing the unpacked values again must give the
 stored bytes); a CPU whose layout differs keeps the kernel for every row count.
+
+With `[quantize] activations = "int8"`, a one-row product (batch-1 decoding) runs gsopt's
+VNNI kernel on the same bytes instead (`gsopt.kernels.int4_gemv`: 41 GB/s of int4 weights
+against the torchao kernel's 27, 2 threads), its row quantized to int8 per weight group.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gsopt.kernels.int4_gemv import int4_gemv, unavailable
 
 # Rows from which dequantizing and a bf16 GEMM beat the int4 kernel (see above).
 DEQUANTIZE_ROWS = 48
@@ -61,34 +67,41 @@ def dequantize(weight) -> torch.Tensor:
     return out.to(torch.bfloat16).view(rows, cols)
 
 
-class DequantizingInt4Linear(nn.Module):
+class CpuInt4Linear(nn.Module):
     """A torchao CPU int4 linear whose products over `DEQUANTIZE_ROWS` rows or more run on a
-    bf16 copy of the weight made for that call (a prefill's); fewer rows, a decode step's,
-    keep the int4 kernel. The weight stays the torchao tensor: saved, loaded and counted as
-    before."""
+    bf16 copy of the weight made for that call (a prefill's), and, with `int8_rows`, whose
+    one-row products run gsopt's VNNI kernel; other row counts keep the int4 kernel. The
+    weight stays the torchao tensor: saved, loaded and counted as before."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, int8_rows: bool):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.int8_rows = int8_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] < DEQUANTIZE_ROWS:
+        rows = x.numel() // x.shape[-1]
+        if rows == 1 and self.int8_rows:
+            out = int4_gemv(self.weight, x.reshape(1, -1)).view(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
+        if rows < DEQUANTIZE_ROWS:
             return F.linear(x, self.weight, self.bias)
         return F.linear(x, dequantize(self.weight).to(x.dtype), self.bias)
 
 
-def dequantizing_prefill_(module: nn.Module) -> int:
+def cpu_int4_linears_(module: nn.Module, int8_rows: bool) -> int:
     """Wrap every torchao CPU int4 linear below `module` whose packed layout this CPU's
-    unpacking reads back; returns how many (0 where the layout is another CPU's)."""
+    unpacking reads back; returns how many (0 where the layout is another CPU's). One-row
+    products go to the VNNI kernel where `int8_rows` asks and it builds here."""
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
 
+    int8_rows = int8_rows and unavailable() is None
     count = 0
     for name, child in module.named_children():
         if isinstance(child, nn.Linear) and isinstance(child.weight, Int4OpaqueTensor):
             if child.weight.act_mapping_type is None and layout_matches(child.weight):
-                setattr(module, name, DequantizingInt4Linear(child))
+                setattr(module, name, CpuInt4Linear(child, int8_rows))
                 count += 1
         else:
-            count += dequantizing_prefill_(child)
+            count += cpu_int4_linears_(child, int8_rows)
     return count

@@ -36,8 +36,9 @@ from gsopt.results import write_atomic
 from gsopt.runtime import DTYPES
 
 WEIGHTS = ("int8", "int4", "float8")
-# What int8 weights multiply: float activations (weight-only), or activations quantized to
-# int8 per row where int8 products are faster: one row, or a prefill's (`gsopt.engine.cpu_int8`).
+# What quantized weights multiply: float activations (weight-only), or activations quantized
+# to int8 where int8 products are faster: int8 weights per row, one row or a prefill's
+# (`gsopt.engine.cpu_int8`); int4 weights per group, one row (`gsopt.engine.cpu_int4`).
 ACTIVATIONS = ("float", "int8")
 GROUP_SIZES = (32, 64, 128)
 QUANTIZABLE_STAGES = ("decoder", "encoder", "projector")
@@ -107,10 +108,10 @@ def check(model, q: Quantization, device: torch.device) -> None:
     """Refuse, in one line, what torchao would refuse or silently skip."""
     if q.weights == "int4":
         _check_int4_shapes(model, q, device)
-    if q.activations == "int8" and (q.weights != "int8" or device.type != "cpu"):
+    if q.activations == "int8" and (q.weights not in ("int8", "int4") or device.type != "cpu"):
         raise GsoptError(
-            f"[quantize] activations = 'int8' takes weights = 'int8' on a CPU (VNNI, AMX), not "
-            f"{q.weights} on {device.type}; put it in a [cpu.quantize] table"
+            f"[quantize] activations = 'int8' takes weights = 'int8' or 'int4' on a CPU (VNNI, "
+            f"AMX), not {q.weights} on {device.type}; put it in a [cpu.quantize] table"
         )
     torchao_config(q, device)
 
@@ -191,11 +192,11 @@ def quantize_model(model, q: Quantization) -> None:
         if q.saved:
             save_quantized(model, q, Path(q.saved))
     if q.weights == "int4" and device.type == "cpu":
-        from gsopt.engine.cpu_int4 import dequantizing_prefill_
+        from gsopt.engine.cpu_int4 import cpu_int4_linears_
 
         for module in _targets(model, q).values():
-            dequantizing_prefill_(module)
-    if q.activations == "int8":
+            cpu_int4_linears_(module, int8_rows=q.activations == "int8")
+    elif q.activations == "int8":
         from gsopt.engine.cpu_int8 import int8_activations_
 
         for module in _targets(model, q).values():

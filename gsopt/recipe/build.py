@@ -48,6 +48,15 @@ def _resolved(recipe: Recipe, device: torch.device, notes: list[str]):
             "dtype bfloat16: this CPU has no BF16 dot products (avx512_bf16, amx_bf16), "
             "so its GEMMs convert to fp32 and gain nothing; only memory-bound steps do"
         )
+    q = recipe.quantize
+    if q is not None and (q.weights, q.activations, device.type) == ("int4", "int8", "cpu"):
+        from gsopt.kernels.int4_gemv import unavailable
+
+        if why := unavailable():
+            notes.append(
+                f"activations = 'int8' with int4 weights: {why}, so one-row products keep "
+                "torchao's int4 kernel (bf16 activations)"
+            )
     return settings, impls
 
 

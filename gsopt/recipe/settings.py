@@ -139,7 +139,8 @@ def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) ->
         q = recipe.quantize
         computing = f" (computing in {q.compute_dtype})" if q.compute_dtype else ""
         if q.activations == "int8":
-            computing += " and their activations to int8 per row"
+            per = "weight group" if q.weights == "int4" else "row"
+            computing += f" and their activations to int8 per {per}"
         reasons.append(f"quantizes the {', '.join(q.stages)} weights to {q.weights}{computing}")
     return reasons
 

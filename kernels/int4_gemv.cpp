@@ -1,0 +1,172 @@
+// One row times an int4 weight in torchao's CPU layout, on the int8 dot-product units.
+//
+// torchao's `Int4OpaqueTensor` (A16W4) keeps the weight packed for `_weight_int4pack_mm_for_cpu`:
+// on AVX-512, blocks of 64 output rows, each k's 32 bytes holding rows d and d + 32 (low and
+// high nibble of byte d) and rows d + 16 and d + 48 (byte 16 + d); a short last block of t
+// rows holds row pairs (n, n + 1) in byte k * t / 2 + n / 2. Values q are 0..15 and, per group
+// of K, the weight is (q - 8) * scale + zero (bf16 pairs in `scale_and_zero` [K / group, N, 2]).
+//
+// The row is quantized per group to int8 (a symmetric scale per group), as llama.cpp's q4 x q8
+// product does, so that four k at a time multiply on VNNI: `vpdpbusd` takes the weights as
+// unsigned bytes and the activations as signed ones. `vpermt2b` (AVX512-VBMI) gathers each
+// row's four k into one 32-bit lane. Per group and row:
+//   y += scale * a_g * (sum_k xq_k q_k - 8 sum_k xq_k) + zero * sum_k x_k
+// with a_g the group's activation scale, accumulated in fp32.
+#include <immintrin.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 64;
+
+struct QuantizedRow {
+  std::vector<int8_t> values;  // K
+  std::vector<int32_t> quads;  // K / 4: four int8 values as one broadcastable lane
+  std::vector<float> scale;    // per group
+  std::vector<float> sum;      // per group: sum of the float values
+  std::vector<int32_t> qsum;   // per group: sum of the int8 values
+};
+
+QuantizedRow quantize_row(const float* x, int64_t K, int64_t group) {
+  const int64_t groups = K / group;
+  QuantizedRow row{std::vector<int8_t>(K), std::vector<int32_t>(K / 4),
+                   std::vector<float>(groups), std::vector<float>(groups),
+                   std::vector<int32_t>(groups)};
+  for (int64_t g = 0; g < groups; ++g) {
+    float amax = 0.f, sum = 0.f;
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      amax = std::max(amax, std::fabs(x[k]));
+      sum += x[k];
+    }
+    const float scale = amax > 0.f ? amax / 127.f : 1.f;
+    int32_t qsum = 0;
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(x[k] / scale));
+      row.values[k] = static_cast<int8_t>(std::max(-127, std::min(127, v)));
+      qsum += row.values[k];
+    }
+    row.scale[g] = scale;
+    row.sum[g] = sum;
+    row.qsum[g] = qsum;
+  }
+  std::memcpy(row.quads.data(), row.values.data(), K);
+  return row;
+}
+
+inline float bf16_to_float(const at::BFloat16 v) { return static_cast<float>(v); }
+
+// Rows [64 * block, 64 * block + 64): four accumulators of 16 rows.
+void block_product(const uint8_t* packed, const at::BFloat16* scale_zero, const QuantizedRow& x,
+                   int64_t block, int64_t K, int64_t N, int64_t group, float* out) {
+  const uint8_t* base = packed + block * K * (kBlock / 2);
+  // byte 4d + j of a lane-gathering index: k = j's byte d (rows 0-15) or 16 + d (rows 16-31)
+  alignas(64) uint8_t first[64], second[64];
+  for (int d = 0; d < 16; ++d) {
+    const uint8_t offsets[4] = {0, 32, 64, 96};
+    for (int j = 0; j < 4; ++j) {
+      first[4 * d + j] = offsets[j] + d;
+      second[4 * d + j] = offsets[j] + 16 + d;
+    }
+  }
+  const __m512i gather0 = _mm512_load_si512(first);
+  const __m512i gather1 = _mm512_load_si512(second);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  const int64_t groups = K / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dot[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                      _mm512_setzero_si512()};
+    for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
+      // bytes of k, k + 1 (a) and k + 2, k + 3 (b): 32 bytes each
+      const __m512i a = _mm512_loadu_si512(base + k * 32);
+      const __m512i b = _mm512_loadu_si512(base + k * 32 + 64);
+      const __m512i a_low = _mm512_and_si512(a, nibble);
+      const __m512i b_low = _mm512_and_si512(b, nibble);
+      const __m512i a_high = _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble);
+      const __m512i b_high = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+      const __m512i xq = _mm512_set1_epi32(x.quads[k / 4]);
+      dot[0] = _mm512_dpbusd_epi32(dot[0], _mm512_permutex2var_epi8(a_low, gather0, b_low), xq);
+      dot[1] = _mm512_dpbusd_epi32(dot[1], _mm512_permutex2var_epi8(a_low, gather1, b_low), xq);
+      dot[2] = _mm512_dpbusd_epi32(dot[2], _mm512_permutex2var_epi8(a_high, gather0, b_high), xq);
+      dot[3] = _mm512_dpbusd_epi32(dot[3], _mm512_permutex2var_epi8(a_high, gather1, b_high), xq);
+    }
+    const __m512i shift = _mm512_set1_epi32(8 * x.qsum[g]);
+    const __m512 a_g = _mm512_set1_ps(x.scale[g]);
+    const __m512 sum = _mm512_set1_ps(x.sum[g]);
+    const at::BFloat16* sz = scale_zero + (g * N + block * kBlock) * 2;
+    for (int r = 0; r < 4; ++r) {
+      // 16 rows' (scale, zero) bf16 pairs: a 32-bit lane each, scale in the low half
+      const __m512i pairs = _mm512_loadu_si512(sz + 32 * r);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
+      const __m512 centred = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r], shift)), a_g);
+      acc[r] = _mm512_fmadd_ps(scale, centred, acc[r]);
+      acc[r] = _mm512_fmadd_ps(zero, sum, acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) _mm512_storeu_ps(out + block * kBlock + 16 * r, acc[r]);
+}
+
+// The short last block, row pairs per byte: plain loops over the same quantized row.
+void tail_product(const uint8_t* packed, const at::BFloat16* scale_zero, const QuantizedRow& x,
+                  int64_t first_row, int64_t K, int64_t N, int64_t group, float* out) {
+  const int64_t rows = N - first_row;
+  const uint8_t* base = packed + first_row * K / 2;
+  for (int64_t n = 0; n < rows; ++n) {
+    float y = 0.f;
+    for (int64_t g = 0; g < K / group; ++g) {
+      int32_t dot = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+        const uint8_t byte = base[k * rows / 2 + n / 2];
+        dot += static_cast<int32_t>((n % 2 ? byte >> 4 : byte) & 0x0F) * x.values[k];
+      }
+      const at::BFloat16* sz = scale_zero + (g * N + first_row + n) * 2;
+      y += bf16_to_float(sz[0]) * x.scale[g] * static_cast<float>(dot - 8 * x.qsum[g]) +
+           bf16_to_float(sz[1]) * x.sum[g];
+    }
+    out[first_row + n] = y;
+  }
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed,
+                     const at::Tensor& scale_and_zero, int64_t group_size, int64_t rows) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "int4_gemv takes one row [1, K]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8");
+  TORCH_CHECK(scale_and_zero.scalar_type() == at::kBFloat16 && scale_and_zero.is_contiguous(),
+              "scale_and_zero: contiguous bf16 [K / group, N, 2]");
+  const int64_t K = x.size(1), N = rows;
+  TORCH_CHECK(K % group_size == 0 && group_size % 4 == 0, "K must be whole groups");
+  TORCH_CHECK(packed.numel() == N * K / 2, "packed holds ", packed.numel(), " bytes, not N*K/2");
+  TORCH_CHECK(scale_and_zero.numel() == K / group_size * N * 2, "scale_and_zero's shape");
+  const at::Tensor row = x.to(at::kFloat).contiguous();
+  const QuantizedRow quantized = quantize_row(row.data_ptr<float>(), K, group_size);
+  at::Tensor out = at::empty({1, N}, x.options().dtype(at::kFloat));
+  const uint8_t* weights = packed.data_ptr<uint8_t>();
+  const at::BFloat16* sz = scale_and_zero.data_ptr<at::BFloat16>();
+  float* y = out.data_ptr<float>();
+  const int64_t blocks = N / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      block_product(weights, sz, quantized, b, K, N, group_size, y);
+  });
+  if (blocks * kBlock < N) tail_product(weights, sz, quantized, blocks * kBlock, K, N, group_size, y);
+  return out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gsopt_cpu, m) {
+  m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale_and_zero, int group_size, int rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gsopt_cpu, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
