@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -34,21 +35,29 @@ struct QuantizedRow {
   std::vector<int32_t> qsum;   // per group: sum of the int8 values
 };
 
-QuantizedRow quantize_row(const float* x, int64_t K, int64_t group) {
+// Reused across calls (a decode step makes one per linear): no allocation per call.
+thread_local QuantizedRow row_buffer;
+
+template <typename T>
+const QuantizedRow& quantize_row(const T* x, int64_t K, int64_t group) {
   const int64_t groups = K / group;
-  QuantizedRow row{std::vector<int8_t>(K), std::vector<int32_t>(K / 4),
-                   std::vector<float>(groups), std::vector<float>(groups),
-                   std::vector<int32_t>(groups)};
+  QuantizedRow& row = row_buffer;
+  row.values.resize(K);
+  row.quads.resize(K / 4);
+  row.scale.resize(groups);
+  row.sum.resize(groups);
+  row.qsum.resize(groups);
   for (int64_t g = 0; g < groups; ++g) {
     float amax = 0.f, sum = 0.f;
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-      amax = std::max(amax, std::fabs(x[k]));
-      sum += x[k];
+      const float v = static_cast<float>(x[k]);
+      amax = std::max(amax, std::fabs(v));
+      sum += v;
     }
     const float scale = amax > 0.f ? amax / 127.f : 1.f;
     int32_t qsum = 0;
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-      const int32_t v = static_cast<int32_t>(std::nearbyint(x[k] / scale));
+      const int32_t v = static_cast<int32_t>(std::nearbyint(static_cast<float>(x[k]) / scale));
       row.values[k] = static_cast<int8_t>(std::max(-127, std::min(127, v)));
       qsum += row.values[k];
     }
@@ -63,8 +72,9 @@ QuantizedRow quantize_row(const float* x, int64_t K, int64_t group) {
 inline float bf16_to_float(const at::BFloat16 v) { return static_cast<float>(v); }
 
 // Rows [64 * block, 64 * block + 64): four accumulators of 16 rows.
+template <typename T>
 void block_product(const uint8_t* packed, const at::BFloat16* scale_zero, const QuantizedRow& x,
-                   int64_t block, int64_t K, int64_t N, int64_t group, float* out) {
+                   int64_t block, int64_t K, int64_t N, int64_t group, T* out) {
   const uint8_t* base = packed + block * K * (kBlock / 2);
   // byte 4d + j of a lane-gathering index: k = j's byte d (rows 0-15) or 16 + d (rows 16-31)
   alignas(64) uint8_t first[64], second[64];
@@ -114,12 +124,15 @@ void block_product(const uint8_t* packed, const at::BFloat16* scale_zero, const 
       acc[r] = _mm512_fmadd_ps(zero, sum, acc[r]);
     }
   }
-  for (int r = 0; r < 4; ++r) _mm512_storeu_ps(out + block * kBlock + 16 * r, acc[r]);
+  alignas(64) float result[kBlock];
+  for (int r = 0; r < 4; ++r) _mm512_store_ps(result + 16 * r, acc[r]);
+  for (int64_t n = 0; n < kBlock; ++n) out[block * kBlock + n] = static_cast<T>(result[n]);
 }
 
 // The short last block, row pairs per byte: plain loops over the same quantized row.
+template <typename T>
 void tail_product(const uint8_t* packed, const at::BFloat16* scale_zero, const QuantizedRow& x,
-                  int64_t first_row, int64_t K, int64_t N, int64_t group, float* out) {
+                  int64_t first_row, int64_t K, int64_t N, int64_t group, T* out) {
   const int64_t rows = N - first_row;
   const uint8_t* base = packed + first_row * K / 2;
   for (int64_t n = 0; n < rows; ++n) {
@@ -134,7 +147,7 @@ void tail_product(const uint8_t* packed, const at::BFloat16* scale_zero, const Q
       y += bf16_to_float(sz[0]) * x.scale[g] * static_cast<float>(dot - 8 * x.qsum[g]) +
            bf16_to_float(sz[1]) * x.sum[g];
     }
-    out[first_row + n] = y;
+    out[first_row + n] = static_cast<T>(y);
   }
 }
 
@@ -148,19 +161,22 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(K % group_size == 0 && group_size % 4 == 0, "K must be whole groups");
   TORCH_CHECK(packed.numel() == N * K / 2, "packed holds ", packed.numel(), " bytes, not N*K/2");
   TORCH_CHECK(scale_and_zero.numel() == K / group_size * N * 2, "scale_and_zero's shape");
-  const at::Tensor row = x.to(at::kFloat).contiguous();
-  const QuantizedRow quantized = quantize_row(row.data_ptr<float>(), K, group_size);
-  at::Tensor out = at::empty({1, N}, x.options().dtype(at::kFloat));
+  const at::Tensor row = x.contiguous();
+  at::Tensor out = at::empty({1, N}, x.options());
   const uint8_t* weights = packed.data_ptr<uint8_t>();
   const at::BFloat16* sz = scale_and_zero.data_ptr<at::BFloat16>();
-  float* y = out.data_ptr<float>();
   const int64_t blocks = N / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      block_product(weights, sz, quantized, b, K, N, group_size, y);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int4_gemv", [&] {
+    const QuantizedRow& quantized = quantize_row(row.data_ptr<scalar_t>(), K, group_size);
+    scalar_t* y = out.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        block_product(weights, sz, quantized, b, K, N, group_size, y);
+    });
+    if (blocks * kBlock < N)
+      tail_product(weights, sz, quantized, blocks * kBlock, K, N, group_size, y);
   });
-  if (blocks * kBlock < N) tail_product(weights, sz, quantized, blocks * kBlock, K, N, group_size, y);
-  return out.to(x.scalar_type());
+  return out;
 }
 
 }  // namespace
