@@ -179,10 +179,111 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed,
   return out;
 }
 
+// Columns [64 * first, 64 * (first + blocks)) of the weight transposed, [K, N] in bf16, into
+// `w` (row stride `stride`): in the AVX-512 layout each k's 32 bytes of a 64-row block are
+// that block's 64 consecutive columns, low nibbles first, so each output row is written in
+// order.
+void unpack_blocks(const uint8_t* weights, const at::BFloat16* sz, int64_t K, int64_t N,
+                   int64_t group, int64_t first, int64_t blocks, at::BFloat16* w,
+                   int64_t stride) {
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 eight = _mm512_set1_ps(8.f);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const at::BFloat16* sz_k = sz + (k / group) * N * 2;
+      for (int64_t b = first; b < first + blocks; ++b) {
+        const uint8_t* bytes = weights + b * K * (kBlock / 2) + k * 32;
+        const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+        const __m256i low = _mm256_and_si256(both, nibble);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(both, 4), nibble);
+        const __m128i parts[4] = {_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1),
+                                  _mm256_castsi256_si128(high),
+                                  _mm256_extracti128_si256(high, 1)};
+        for (int r = 0; r < 4; ++r) {
+          const int64_t n = b * kBlock + 16 * r;
+          const __m512i pairs = _mm512_loadu_si512(sz_k + 2 * n);
+          const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+          const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
+          const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[r]));
+          const __m512 value = _mm512_fmadd_ps(_mm512_sub_ps(q, eight), scale, zero);
+          // to bf16, rounding to nearest even: add 0x7FFF and the kept lowest bit
+          const __m512i bits = _mm512_castps_si512(value);
+          const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+          const __m512i rounded =
+              _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + k * stride + n - first * kBlock),
+                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+        }
+      }
+    }
+  });
+}
+
+// The short last block's columns (row pairs per byte), by loops, into `w` [K, tail].
+void unpack_tail(const uint8_t* weights, const at::BFloat16* sz, int64_t K, int64_t N,
+                 int64_t group, at::BFloat16* w) {
+  const int64_t first = N / kBlock * kBlock, tail = N - first;
+  const uint8_t* base = weights + first * K / 2;
+  for (int64_t k = 0; k < K; ++k) {
+    const at::BFloat16* sz_k = sz + (k / group) * N * 2;
+    for (int64_t t = 0; t < tail; ++t) {
+      const uint8_t byte = base[k * tail / 2 + t / 2];
+      const float q = static_cast<float>((t % 2 ? byte >> 4 : byte) & 0x0F);
+      const int64_t n = first + t;
+      w[k * tail + t] = static_cast<at::BFloat16>(
+          (q - 8.f) * bf16_to_float(sz_k[2 * n]) + bf16_to_float(sz_k[2 * n + 1]));
+    }
+  }
+}
+
+void check_weight(const at::Tensor& packed, const at::Tensor& scale_and_zero, int64_t group,
+                  int64_t rows, int64_t cols) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: uint8");
+  TORCH_CHECK(scale_and_zero.scalar_type() == at::kBFloat16 && scale_and_zero.is_contiguous(),
+              "scale_and_zero: contiguous bf16 [K / group, N, 2]");
+  TORCH_CHECK(packed.numel() == rows * cols / 2 && cols % group == 0, "packed's shape");
+  TORCH_CHECK(scale_and_zero.numel() == cols / group * rows * 2, "scale_and_zero's shape");
+}
+
+// x [M, K] times the weight, [M, N]: unpacked to bf16 a slice of columns at a time into a
+// buffer that stays in cache, each slice multiplied as it is made (a whole weight unpacked
+// first is written out to memory and read back).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed,
+                       const at::Tensor& scale_and_zero, int64_t group_size, int64_t rows) {
+  TORCH_CHECK(x.dim() == 2, "int4_linear takes rows [M, K]");
+  const int64_t K = x.size(1), N = rows, blocks = N / kBlock;
+  check_weight(packed, scale_and_zero, group_size, rows, K);
+  const at::Tensor a = x.to(at::kBFloat16).contiguous();
+  at::Tensor out = at::empty({x.size(0), N}, a.options());
+  const uint8_t* weights = packed.data_ptr<uint8_t>();
+  const at::BFloat16* sz = scale_and_zero.data_ptr<at::BFloat16>();
+  // 1 MiB of bf16 per slice at most: the slice, its rows of x and of the output fit in L2
+  const int64_t slice = std::max<int64_t>(1, std::min(blocks, (1 << 22) / (K * kBlock)));
+  at::Tensor buffer = at::empty({K * slice * kBlock}, a.options());
+  for (int64_t first = 0; first < blocks; first += slice) {
+    const int64_t count = std::min(slice, blocks - first), width = count * kBlock;
+    at::Tensor w = buffer.narrow(0, 0, K * width).view({K, width});
+    unpack_blocks(weights, sz, K, N, group_size, first, count, w.data_ptr<at::BFloat16>(),
+                  width);
+    out.narrow(1, first * kBlock, width).copy_(at::mm(a, w));
+  }
+  if (blocks * kBlock < N) {
+    at::Tensor tail = at::empty({K, N - blocks * kBlock}, a.options());
+    unpack_tail(weights, sz, K, N, group_size, tail.data_ptr<at::BFloat16>());
+    out.narrow(1, blocks * kBlock, N - blocks * kBlock).copy_(at::mm(a, tail));
+  }
+  return out.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gsopt_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale_and_zero, int group_size, int rows) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scale_and_zero, int group_size, int rows) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gsopt_cpu, CPU, m) { m.impl("int4_gemv", &int4_gemv); }
+TORCH_LIBRARY_IMPL(gsopt_cpu, CPU, m) {
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_linear", &int4_linear);
+}

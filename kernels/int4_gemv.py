@@ -1,15 +1,20 @@
-"""gsopt's one-row int4 product on x86 VNNI (`int4_gemv.cpp`), built on first use.
+"""gsopt's int4 CPU kernels on torchao's packed layout (`int4_gemv.cpp`), built on first use.
 
-torchao's CPU int4 kernel converts every weight to float before it multiplies: a batch-1
-decode step reads int4 weights at about 24 GB/s on a 2-core AVX-512 EPYC, where the memory
-gives 45. No maintained library multiplies torchao's int4 layout on the int8 dot-product
-units (torchao's DA8W4 kernel ships only in builds with its C++ extension, and takes its own
-layout), so this is a small kernel, a torch custom op beside the plain-torch reference below.
+- `int4_gemv`, one row: torchao's CPU int4 kernel converts every weight to float before it
+  multiplies, so a batch-1 decode step reads int4 weights at about 27 GB/s on a 2-core
+  AVX-512 EPYC, where the memory gives 45. This op quantizes the row to int8 per weight group,
+  as llama.cpp's q4 x q8 product does, and multiplies on VNNI: 41 GB/s. That makes it lossy
+  beyond the int4 weights; `[quantize] activations = "int8"` asks for it.
+- `int4_linear`, a prefill's rows: the torchao kernel is compute-bound at about 340 GFLOP/s
+  for any row count, oneDNN's bf16 GEMM runs at 700-900. This op unpacks the weight to bf16
+  a cache-sized slice of columns at a time (16 elements/ns, where inductor's code for the
+  same unpacking, `gsopt.engine.cpu_int4.dequantize`, makes 3) and multiplies each slice.
 
-The op quantizes the row to int8 per weight group, as llama.cpp's q4 x q8 product does, which
-makes it lossy beyond the int4 weights; `[quantize] activations = "int8"` asks for it.
-It needs AVX512-BW, -VBMI and -VNNI and a C++ compiler (the one inductor uses); elsewhere
-`available()` is false and the int4 kernel keeps every row.
+No maintained library does either on this layout (torchao's DA8W4 kernel ships only in builds
+with its C++ extension, and takes its own layout), so these are small kernels, torch custom
+ops beside plain-torch references: `reference` below, and `cpu_int4.dequantize`. They need
+AVX512-BW, -VBMI and -VNNI and a C++ compiler (the one inductor uses); elsewhere
+`unavailable()` says why, and the torchao kernel and the torch unpacking serve instead.
 """
 
 from __future__ import annotations
@@ -56,12 +61,24 @@ def unavailable() -> str | None:
     def _(x, packed, scale_and_zero, group_size, rows):
         return x.new_empty((1, rows))
 
+    @torch.library.register_fake("gsopt_cpu::int4_linear")
+    def _(x, packed, scale_and_zero, group_size, rows):
+        return x.new_empty((x.shape[0], rows))
+
     return None
 
 
 def int4_gemv(weight, x: torch.Tensor) -> torch.Tensor:
     """[1, K] times torchao's `Int4OpaqueTensor` [N, K] (A16W4): [1, N] in x's dtype."""
     return torch.ops.gsopt_cpu.int4_gemv(
+        x, weight.qdata, weight.scale_and_zero, weight.block_size[-1], weight.shape[0]
+    )
+
+
+def int4_linear(weight, x: torch.Tensor) -> torch.Tensor:
+    """[M, K] times torchao's `Int4OpaqueTensor` [N, K] in bf16: [M, N] in x's dtype, the
+    weight unpacked a cache-sized slice of columns at a time."""
+    return torch.ops.gsopt_cpu.int4_linear(
         x, weight.qdata, weight.scale_and_zero, weight.block_size[-1], weight.shape[0]
     )
 

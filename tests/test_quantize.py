@@ -22,7 +22,7 @@ import gsopt
 from gsopt.cli import main
 from gsopt.commands import bench
 from gsopt.engine.cpu_gemv import MAX_ROWS
-from gsopt.engine.cpu_int4 import DEQUANTIZE_ROWS, CpuInt4Linear, unpack_int4
+from gsopt.engine.cpu_int4 import DEQUANTIZE_ROWS, CpuInt4Linear, dequantize, unpack_int4
 from gsopt.engine.cpu_int8 import DynamicInt8Linear
 from gsopt.engine.generate import decode_one_token, prefill, setup_cache
 from gsopt.engine.pipeline import Pipeline, Stages
@@ -197,13 +197,21 @@ def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
     many = torch.randn(DEQUANTIZE_ROWS, cols, dtype=torch.bfloat16)
     # the check can tell the paths apart: the kernel's float32 dequantization differs in bits
     assert not torch.equal(layer(many), F.linear(many, weight))
+    # gsopt's C++ unpacking (a slice of columns at a time) and the torch one it falls back
+    # to give the same bf16 weight: the products differ only by the GEMM's summation order
+    assert layer.unpack_in_cpp == (int4_gemv.unavailable() is None)
+    in_torch = F.linear(many, dequantize(weight))
+    torch.testing.assert_close(layer(many), in_torch, rtol=0.01, atol=0.01)
+    layer.unpack_in_cpp = False
+    assert torch.equal(layer(many), in_torch)
 
 
 @pytest.mark.parametrize(("rows", "cols", "group"), [(192, 256, 32), (64 * 5 + 16, 512, 128)])
-def test_int4_gemv_matches_its_plain_torch_reference(rows, cols, group):
+def test_int4_kernels_match_their_plain_torch_references(rows, cols, group):
     """gsopt's VNNI kernel against its float64 reference (the row quantized to int8 per
-    group), whole 64-row blocks and a short last block; and it is not the torchao kernel's
-    product (which keeps the row in float) but stays near it."""
+    group), whole 64-row blocks and a short last block; it is not the torchao kernel's
+    product (which keeps the row in float) but stays near it. The prefill op against the
+    torch unpacking's product."""
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
 
     if why := int4_gemv.unavailable():
@@ -222,6 +230,11 @@ def test_int4_gemv_matches_its_plain_torch_reference(rows, cols, group):
     ).double()
     moved = (got - kernel).norm() / kernel.norm()
     assert 1e-4 < moved < 0.03
+    # the prefill op on the same weight: the torch unpacking's product, to bf16 rounding
+    many = torch.randn(64, cols, generator=generator).bfloat16()
+    expected = F.linear(many, dequantize(weight)).float()
+    got = int4_gemv.int4_linear(weight, many).float()
+    torch.testing.assert_close(got, expected, rtol=0.01, atol=0.01 * expected.abs().max())
 
 
 def test_int4_one_row_products_take_the_vnni_kernel_only_where_asked(tmp_path):

@@ -2,10 +2,12 @@
 
 torchao's CPU int4 linear (`Int4OpaqueTensor`) calls `_weight_int4pack_mm_for_cpu`, which
 dequantizes inside its inner loop: compute-bound at about 340 GFLOP/s for any row count on a
-2-core AVX-512 EPYC, where oneDNN's bf16 GEMM runs at 880. Over many rows it is cheaper to
-dequantize the whole weight to bf16 once (one fused, vectorized pass, 7-9 elements/ns) and
-call the GEMM: a [7168, 1024] weight over 172 rows takes 3.6 ms against the kernel's 7.5,
-over 64 rows 2.1 against 2.8, while at 16 rows the kernel wins (0.7 against 1.2).
+2-core AVX-512 EPYC, where oneDNN's bf16 GEMM runs at 700-900. Over many rows it is cheaper
+to unpack the weight to bf16 and call the GEMM: on a [7168, 1024] weight over 172 rows, 3.6-3.9
+ms against the kernel's 6.9-7.5; over 64 rows 2.1 against 2.8, while at 16 rows the kernel
+wins (0.7 against 1.2). gsopt's C++ op (`gsopt.kernels.int4_gemv.int4_linear`) unpacks a slice
+of columns at a time; `dequantize` below is the same unpacking in torch, the fallback where
+the op cannot be built and its reference in the tests.
 
 The weight is read from torchao's own packed layout, so nothing is stored twice. That layout
 is the kernel's (`_convert_weight_to_int4pack_for_cpu`), which depends on the CPU's vector
@@ -15,8 +17,8 @@ unpacking is checked when it is wrapped (packing the unpacked values again must 
 stored bytes); a CPU whose layout differs keeps the kernel for every row count.
 
 With `[quantize] activations = "int8"`, a one-row product (batch-1 decoding) runs gsopt's
-VNNI kernel on the same bytes instead (`gsopt.kernels.int4_gemv`: 41 GB/s of int4 weights
-against the torchao kernel's 27, 2 threads), its row quantized to int8 per weight group.
+VNNI kernel on the same bytes instead (`gsopt.kernels.int4_gemv.int4_gemv`: 41 GB/s of int4
+weights against the torchao kernel's 27, 2 threads), its row quantized to int8 per group.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsopt.kernels.int4_gemv import int4_gemv, unavailable
+from gsopt.kernels.int4_gemv import int4_gemv, int4_linear, unavailable
 
 # Rows from which dequantizing and a bf16 GEMM beat the int4 kernel (see above).
 DEQUANTIZE_ROWS = 48
@@ -68,8 +70,8 @@ def dequantize(weight) -> torch.Tensor:
 
 
 class CpuInt4Linear(nn.Module):
-    """A torchao CPU int4 linear whose products over `DEQUANTIZE_ROWS` rows or more run on a
-    bf16 copy of the weight made for that call (a prefill's), and, with `int8_rows`, whose
+    """A torchao CPU int4 linear whose products over `DEQUANTIZE_ROWS` rows or more run on the
+    weight unpacked to bf16 for that call (a prefill's), and, with `int8_rows`, whose
     one-row products run gsopt's VNNI kernel; other row counts keep the int4 kernel. The
     weight stays the torchao tensor: saved, loaded and counted as before."""
 
@@ -78,6 +80,7 @@ class CpuInt4Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.int8_rows = int8_rows
+        self.unpack_in_cpp = unavailable() is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -86,6 +89,9 @@ class CpuInt4Linear(nn.Module):
             return out if self.bias is None else out + self.bias
         if rows < DEQUANTIZE_ROWS:
             return F.linear(x, self.weight, self.bias)
+        if self.unpack_in_cpp:
+            out = int4_linear(self.weight, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
         return F.linear(x, dequantize(self.weight).to(x.dtype), self.bias)
 
 
