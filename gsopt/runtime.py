@@ -53,8 +53,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # The x86 flags that pick a CPU's compute kernels: BF16 dot products (Zen 4, Sapphire
-# Rapids), int8 dot products (VNNI) and the AMX tile units.
-CPU_FEATURES = ("avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "amx_int8")
+# Rapids), int8 dot products (VNNI), the AMX tile units, and the byte permutes (VBMI) and
+# byte/word ops (BW) gsopt's int4 kernels need besides VNNI (`gsopt.kernels.int4_gemv`).
+CPU_FEATURES = (
+    "avx512_bf16",
+    "amx_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_int8",
+    "avx512bw",
+    "avx512vbmi",
+)
 
 
 def cpu_features() -> tuple[str, ...]:

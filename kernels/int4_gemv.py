@@ -24,22 +24,16 @@ from pathlib import Path
 
 import torch
 
+from gsopt.runtime import cpu_features
+
 REQUIRED = ("avx512bw", "avx512vbmi", "avx512_vnni")
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512vnni"]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return set(next((line for line in info if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
 
 
 @functools.cache
 def unavailable() -> str | None:
     """Why the op cannot run here, or None once it is built and registered."""
-    missing = [flag for flag in REQUIRED if flag not in _cpu_flags()]
+    missing = [flag for flag in REQUIRED if flag not in cpu_features()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     from torch.utils import cpp_extension
