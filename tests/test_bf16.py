@@ -1,13 +1,19 @@
 """The `bf16` recipe: every stage in bfloat16, how far that moves an fp32 model, one decode
-graph, and the note on a CPU without BF16 dot products."""
+graph, the note on a CPU without BF16 dot products, and the one-row bf16 kernel."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from helpers import AUDIO_TOKEN_ID
+from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 import gsopt
+from gsopt.engine.cpu_linear import OneDNNLinear
 from gsopt.engine.pipeline import Pipeline, Stages
+from gsopt.kernels.cpu_kernels import has_bf16_gemv
 from gsopt.measure.accuracy import teacher_forced
 from gsopt.recipe import apply, build, load_recipe
 from gsopt.recipe.settings import lossy_reasons
@@ -64,3 +70,33 @@ def test_best_runs_bf16_on_a_cpu_with_bf16_units_and_says_it_is_not_float32():
     # A bf16 model runs [cpu-bf16] losslessly: nothing to say.
     model = gsopt.load_model("tiny", seed=1, lora="none", dtype=torch.bfloat16)
     assert not any("[cpu-bf16]" in note for note in apply(model, best).report.notes)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(256, 1024), (130, 100)])
+def test_bf16_gemv_matches_float64(rows, cols):
+    """gsopt's one-row bf16 product on BF16 dot products: whole groups of 4 rows and 32
+    columns, and remainders of both."""
+    if not has_bf16_gemv():
+        pytest.skip("no BF16 dot products, or gsopt's CPU kernels do not build here")
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(rows, cols, generator=generator).bfloat16()
+    x = torch.randn(1, 1, cols, generator=generator).bfloat16()
+    expected = x.double() @ weight.double().t()
+    got = torch.ops.gsopt_cpu.bf16_gemv(x, weight).double()
+    # fp32 sums of exact products, rounded to bf16
+    torch.testing.assert_close(got, expected, rtol=8e-3, atol=8e-3 * expected.abs().max())
+
+
+def test_a_compiled_bf16_row_takes_the_dot_product_kernel():
+    """A decode step's one-row products of a bf16 oneDNN linear (plain weight kept) run
+    gsopt's kernel in compiled code; an fp32 one keeps inductor's reduction."""
+    if not has_bf16_gemv():
+        pytest.skip("no BF16 dot products, or gsopt's CPU kernels do not build here")
+    for dtype, expected in ((torch.bfloat16, True), (torch.float32, False)):
+        torch._dynamo.reset()
+        linear = OneDNNLinear(nn.Linear(64, 96, bias=False).to(dtype), keep_plain=True)
+        x = torch.randn(1, 1, 64, dtype=dtype)
+        with torch.no_grad():
+            out, codes = run_and_get_code(torch.compile(linear), x)
+            torch.testing.assert_close(out, F.linear(x, linear.plain), rtol=1e-2, atol=1e-2)
+        assert ("gsopt_cpu.bf16_gemv" in "\n".join(codes)) == expected

@@ -27,7 +27,7 @@ from gsopt.engine.cpu_int8 import DynamicInt8Linear
 from gsopt.engine.generate import decode_one_token, prefill, setup_cache
 from gsopt.engine.pipeline import Pipeline, Stages
 from gsopt.engine.quantize import is_quantized
-from gsopt.kernels import int4_gemv
+from gsopt.kernels import cpu_kernels
 from gsopt.measure.accuracy import stage_errors, teacher_forced
 from gsopt.recipe import apply, load_recipe
 
@@ -199,7 +199,7 @@ def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
     assert not torch.equal(layer(many), F.linear(many, weight))
     # gsopt's C++ unpacking (a slice of columns at a time) and the torch one it falls back
     # to give the same bf16 weight: the products differ only by the GEMM's summation order
-    assert layer.unpack_in_cpp == (int4_gemv.unavailable() is None)
+    assert layer.unpack_in_cpp == (cpu_kernels.unavailable() is None)
     in_torch = F.linear(many, dequantize(weight))
     torch.testing.assert_close(layer(many), in_torch, rtol=0.01, atol=0.01)
     layer.unpack_in_cpp = False
@@ -214,7 +214,7 @@ def test_int4_kernels_match_their_plain_torch_references(rows, cols, group):
     torch unpacking's product."""
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
 
-    if why := int4_gemv.unavailable():
+    if why := cpu_kernels.unavailable():
         pytest.skip(why)
     generator = torch.Generator().manual_seed(rows)
     weight = Int4OpaqueTensor.from_hp(
@@ -222,8 +222,8 @@ def test_int4_kernels_match_their_plain_torch_references(rows, cols, group):
     )
     values = unpack_int4(weight.qdata, rows, cols)
     x = torch.randn(1, cols, generator=generator)
-    expected = int4_gemv.reference(x, values, weight.scale_and_zero, group)
-    got = int4_gemv.int4_gemv(weight, x).double()
+    expected = cpu_kernels.reference(x, values, weight.scale_and_zero, group)
+    got = cpu_kernels.int4_gemv(weight, x).double()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.bfloat16(), weight.qdata, group, weight.scale_and_zero
@@ -233,20 +233,20 @@ def test_int4_kernels_match_their_plain_torch_references(rows, cols, group):
     # the prefill op on the same weight: the torch unpacking's product, to bf16 rounding
     many = torch.randn(64, cols, generator=generator).bfloat16()
     expected = F.linear(many, dequantize(weight)).float()
-    got = int4_gemv.int4_linear(weight, many).float()
+    got = cpu_kernels.int4_linear(weight, many).float()
     torch.testing.assert_close(got, expected, rtol=0.01, atol=0.01 * expected.abs().max())
 
 
 def test_int4_one_row_products_take_the_vnni_kernel_only_where_asked(tmp_path):
     """int4-decoder ([cpu.quantize] activations = "int8") sends one row to the kernel; the
     same recipe with float activations keeps torchao's kernel for it."""
-    if why := int4_gemv.unavailable():
+    if why := cpu_kernels.unavailable():
         pytest.skip(why)
     model = gsopt.load_model("tiny", seed=1, lora="none")
     apply(model, int4_recipe(tmp_path))
     layer = next(m for m in model.decoder.modules() if isinstance(m, CpuInt4Linear))
     x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
-    assert torch.equal(layer(x), int4_gemv.int4_gemv(layer.weight, x[0]).view_as(layer(x)))
+    assert torch.equal(layer(x), cpu_kernels.int4_gemv(layer.weight, x[0]).view_as(layer(x)))
     path = tmp_path / "int4-float.toml"
     path.write_text(
         (tmp_path / "int4.toml")

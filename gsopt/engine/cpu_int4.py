@@ -5,7 +5,7 @@ dequantizes inside its inner loop: compute-bound at about 340 GFLOP/s for any ro
 2-core AVX-512 EPYC, where oneDNN's bf16 GEMM runs at 700-900. Over many rows it is cheaper
 to unpack the weight to bf16 and call the GEMM: on a [7168, 1024] weight over 172 rows, 3.6-3.9
 ms against the kernel's 6.9-7.5; over 64 rows 2.1 against 2.8, while at 16 rows the kernel
-wins (0.7 against 1.2). gsopt's C++ op (`gsopt.kernels.int4_gemv.int4_linear`) unpacks a slice
+wins (0.7 against 1.2). gsopt's C++ op (`gsopt.kernels.cpu_kernels.int4_linear`) unpacks a slice
 of columns at a time; `dequantize` below is the same unpacking in torch, the fallback where
 the op cannot be built and its reference in the tests.
 
@@ -17,7 +17,7 @@ unpacking is checked when it is wrapped (packing the unpacked values again must 
 stored bytes); a CPU whose layout differs keeps the kernel for every row count.
 
 With `[quantize] activations = "int8"`, a one-row product (batch-1 decoding) runs gsopt's
-VNNI kernel on the same bytes instead (`gsopt.kernels.int4_gemv.int4_gemv`: 41 GB/s of int4
+VNNI kernel on the same bytes instead (`gsopt.kernels.cpu_kernels.int4_gemv`: 41 GB/s of int4
 weights against the torchao kernel's 27, 2 threads), its row quantized to int8 per group.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gsopt.kernels.int4_gemv import int4_gemv, int4_linear, unavailable
+from gsopt.kernels.cpu_kernels import int4_gemv, int4_linear, unavailable
 
 # Rows from which dequantizing and a bf16 GEMM beat the int4 kernel (see above).
 DEQUANTIZE_ROWS = 48

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gsopt.engine.quantize import is_quantized
+from gsopt.kernels.cpu_kernels import has_bf16_gemv
 
 # Rows the packed layout is tuned for: a verify step's k; it serves 1 and 170 rows as well.
 ROWS_HINT = 8
@@ -47,9 +48,15 @@ class OneDNNLinear(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = linear.bias
         self.plain = linear.weight if keep_plain else None
+        # A bf16 row on BF16 dot products (gsopt.kernels.cpu_kernels.bf16_gemv): inductor's
+        # reduction converts each bf16 weight to fp32 first, compute-bound near 38 GB/s.
+        self.dot_bf16 = keep_plain and linear.weight.dtype == torch.bfloat16 and has_bf16_gemv()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.plain is not None and torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+            if self.dot_bf16:
+                out = torch.ops.gsopt_cpu.bf16_gemv(x, self.plain)
+                return out if self.bias is None else out + self.bias
             return F.linear(x, self.plain, self.bias)
         return onednn_linear(x, self.weight, self.bias)
 

@@ -50,7 +50,7 @@ def _resolved(recipe: Recipe, device: torch.device, notes: list[str]):
         )
     q = recipe.quantize
     if q is not None and (q.weights, q.activations, device.type) == ("int4", "int8", "cpu"):
-        from gsopt.kernels.int4_gemv import unavailable
+        from gsopt.kernels.cpu_kernels import unavailable
 
         if why := unavailable():
             notes.append(

@@ -1,4 +1,5 @@
-"""gsopt's int4 CPU kernels on torchao's packed layout (`int4_gemv.cpp`), built on first use.
+"""gsopt's CPU kernels (`cpu_kernels.cpp`), built on first use: int4 on torchao's packed layout,
+and a bf16 row on BF16 dot products.
 
 - `int4_gemv`, one row: torchao's CPU int4 kernel converts every weight to float before it
   multiplies, so a batch-1 decode step reads int4 weights at about 27 GB/s on a 2-core
@@ -9,12 +10,16 @@
   for any row count, oneDNN's bf16 GEMM runs at 700-900. This op unpacks the weight to bf16
   a cache-sized slice of columns at a time (16 elements/ns, where inductor's code for the
   same unpacking, `gsopt.engine.cpu_int4.dequantize`, makes 3) and multiplies each slice.
+- `bf16_gemv`, one bf16 row (a bf16 decode step's linears, `gsopt.engine.cpu_linear`):
+  inductor's reduction converts every bf16 weight to fp32 before it multiplies, near 38 GB/s
+  here; `vdpbf16ps` multiplies bf16 pairs and reads at the memory's rate.
 
-No maintained library does either on this layout (torchao's DA8W4 kernel ships only in builds
-with its C++ extension, and takes its own layout), so these are small kernels, torch custom
-ops beside plain-torch references: `reference` below, and `cpu_int4.dequantize`. They need
-AVX512-BW, -VBMI and -VNNI and a C++ compiler (the one inductor uses); elsewhere
-`unavailable()` says why, and the torchao kernel and the torch unpacking serve instead.
+No maintained library does the int4 products on this layout (torchao's DA8W4 kernel ships
+only in builds with its C++ extension, and takes its own layout), so these are small kernels,
+torch custom ops beside plain-torch references: `reference` below, `cpu_int4.dequantize`, and
+for `bf16_gemv` any float64 product. They need AVX512-BW, -VBMI and -VNNI (`bf16_gemv` also
+AVX512-BF16) and a C++ compiler (the one inductor uses); elsewhere `unavailable()` says why,
+and the torchao kernel, the torch unpacking and inductor's reduction serve instead.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def unavailable() -> str | None:
     source = Path(__file__).with_suffix(".cpp")
     try:
         cpp_extension.load(
-            name="gsopt_int4_gemv",
+            name="gsopt_cpu_kernels",
             sources=[str(source)],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
@@ -55,11 +60,20 @@ def unavailable() -> str | None:
     def _(x, packed, scale_and_zero, group_size, rows):
         return x.new_empty((1, rows))
 
+    @torch.library.register_fake("gsopt_cpu::bf16_gemv")
+    def _(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     @torch.library.register_fake("gsopt_cpu::int4_linear")
     def _(x, packed, scale_and_zero, group_size, rows):
         return x.new_empty((x.shape[0], rows))
 
     return None
+
+
+def has_bf16_gemv() -> bool:
+    """Whether `gsopt_cpu::bf16_gemv` runs here: the kernels built, and BF16 dot products."""
+    return "avx512_bf16" in cpu_features() and unavailable() is None
 
 
 def int4_gemv(weight, x: torch.Tensor) -> torch.Tensor:
