@@ -54,7 +54,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # The x86 flags that pick a CPU's compute kernels: BF16 dot products (Zen 4, Sapphire
 # Rapids), int8 dot products (VNNI), the AMX tile units, and the byte permutes (VBMI) and
-# byte/word ops (BW) gsopt's int4 kernels need besides VNNI (`gsopt.kernels.int4_gemv`).
+# byte/word ops (BW) gsopt's int4 kernels need besides VNNI (`gsopt.kernels.cpu_kernels`).
 CPU_FEATURES = (
     "avx512_bf16",
     "amx_bf16",
