@@ -172,23 +172,47 @@ class DepthWiseConv1d(nn.Module):
         return self.conv(F.pad(x, self.padding))
 
 
+POINTWISE_CONVS = ("up_conv", "down_conv")
+
+
+def pointwise_weight(name: str, tensor: Tensor) -> Tensor:
+    """A checkpoint's kernel-1 Conv1d weight [out, in, 1] as the Linear weight [out, in] that
+    gsopt's conv module holds in its place (other tensors unchanged)."""
+    module, _, kind = name.rpartition(".")
+    if kind == "weight" and module.rpartition(".")[2] in POINTWISE_CONVS and tensor.dim() == 3:
+        return tensor.squeeze(-1)
+    return tensor
+
+
 class ConformerConvModule(nn.Module):
+    """The reference's kernel-1 convolutions (`up_conv`, `down_conv`) are Linears over
+    channels-last frames: the same product, which the recipes' linear kernels (oneDNN, int8
+    activations, bf16) then reach; checkpoints' [out, in, 1] weights load squeezed."""
+
     def __init__(self, config: ConformerConfig):
         super().__init__()
         inner = config.hidden_dim * config.conv_expansion_factor
         self.norm = nn.LayerNorm(config.hidden_dim)
-        self.up_conv = nn.Conv1d(config.hidden_dim, 2 * inner, 1)
+        self.up_conv = nn.Linear(config.hidden_dim, 2 * inner)
         self.depth_conv = DepthWiseConv1d(inner, config.conv_kernel_size)
         self.batch_norm = nn.BatchNorm1d(inner)
-        self.down_conv = nn.Conv1d(inner, config.hidden_dim, 1)
+        self.down_conv = nn.Linear(inner, config.hidden_dim)
+        self._register_load_state_dict_pre_hook(self._squeeze_pointwise)
+
+    @staticmethod
+    def _squeeze_pointwise(state_dict, prefix, *args) -> None:
+        for conv in POINTWISE_CONVS:
+            key = f"{prefix}{conv}.weight"
+            if key in state_dict:
+                state_dict[key] = pointwise_weight(key, state_dict[key])
 
     def forward(self, x: Tensor, frame_mask: Tensor | None) -> Tensor:
-        h = F.glu(self.up_conv(self.norm(x).transpose(1, 2)), dim=1)
+        h = F.glu(self.up_conv(self.norm(x)), dim=-1)
         if frame_mask is not None:
             # A lone clip is zero-padded at its end: padded frames must look the same.
-            h = h.masked_fill(~frame_mask[:, None, :], 0.0)
-        h = F.silu(self.batch_norm(self.depth_conv(h)))
-        return self.down_conv(h).transpose(1, 2)
+            h = h.masked_fill(~frame_mask[:, :, None], 0.0)
+        h = F.silu(self.batch_norm(self.depth_conv(h.transpose(1, 2))))
+        return self.down_conv(h.transpose(1, 2))
 
 
 class ConformerBlock(nn.Module):

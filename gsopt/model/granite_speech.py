@@ -18,7 +18,7 @@ from fms.utils import serialization
 from torch import nn
 
 from gsopt.model.config import SPEECH_LLM_MODEL_TYPES, VARIANTS, GraniteSpeechConfig
-from gsopt.model.encoder import ConformerEncoder
+from gsopt.model.encoder import ConformerEncoder, pointwise_weight
 from gsopt.model.family import SPEECH_LLM_STAGES, Family, register_family
 from gsopt.model.lora import set_lora_enabled
 from gsopt.model.projector import QFormerProjector
@@ -189,7 +189,8 @@ def _hf_to_gsopt_names(input_sd: Mapping[str, Any], **kwargs: Any) -> dict[str, 
     """The layouts seen in the wild (transformers 4.x `language_model.model.*`, 5.x
     `model.language_model.*`, and `language_model.model.model.*` as transformers 5.17's
     save_pretrained writes it) -> `encoder.*`, `projector.*`, and granite's own hf names
-    under `decoder.` for the next step. Adapter (LoRA) tensors are not weights: dropped."""
+    under `decoder.` for the next step; the encoder's kernel-1 convolutions' weights as its
+    Linears'. Adapter (LoRA) tensors are not weights: dropped."""
     new_sd = {}
     for name, tensor in input_sd.items():
         if "lora_" in name:
@@ -197,7 +198,7 @@ def _hf_to_gsopt_names(input_sd: Mapping[str, Any], **kwargs: Any) -> dict[str, 
         name = _AUDIO_PREFIX.sub(r"\1.", name)
         name = _DECODER_PREFIX.sub("decoder.model.", name)
         name = _HEAD_PREFIX.sub("decoder.lm_head.", name)
-        new_sd[name] = tensor
+        new_sd[name] = pointwise_weight(name, tensor) if name.startswith("encoder.") else tensor
     return new_sd
 
 
