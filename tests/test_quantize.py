@@ -397,3 +397,25 @@ def test_int8_encoder_reports_how_far_each_stage_moved(capsys, tmp_path):
     model = gsopt.load_model("tiny", seed=1, lora="none")
     apply(model, int8_recipe(tmp_path))
     assert stage_errors(reference, model, waves()) == {"encoder": 0.0, "projector": 0.0}
+
+
+def test_int4_without_gsopts_kernels_keeps_torchaos_with_a_note(monkeypatch, tmp_path):
+    """A CPU without AVX512-VBMI/VNNI (or no compiler): the recipe still applies, one-row
+    products and prefills keep torchao's kernel and the torch unpacking, and a note says why."""
+    from gsopt.engine import cpu_int4
+
+    why = "this CPU lacks avx512vbmi"
+    monkeypatch.setattr(cpu_kernels, "unavailable", lambda: why)
+    monkeypatch.setattr(cpu_int4, "unavailable", lambda: why)
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    stages = apply(model, int4_recipe(tmp_path))
+    assert any(why in note for note in stages.report.notes)
+    layers = [m for m in model.decoder.modules() if isinstance(m, CpuInt4Linear)]
+    if not layers:
+        pytest.skip("this CPU's int4 layout is not AVX-512's: the kernel keeps every row")
+    layer = layers[0]
+    assert not layer.int8_rows and not layer.unpack_in_cpp
+    one = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
+    assert torch.equal(layer(one), F.linear(one, layer.weight))
+    many = torch.randn(DEQUANTIZE_ROWS, layer.in_features, dtype=torch.bfloat16)
+    assert torch.equal(layer(many), F.linear(many, dequantize(layer.weight)))
