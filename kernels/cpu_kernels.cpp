@@ -74,22 +74,29 @@ const QuantizedRow& quantize_row(const T* x, int64_t K, int64_t group) {
 
 inline float bf16_to_float(const at::BFloat16 v) { return static_cast<float>(v); }
 
+// `vpermt2b` indices, made once: byte 4d + j of a lane takes k + j's byte d (rows d of a
+// nibble half, `first`) or 16 + d (rows 16 + d, `second`); k + 2 and k + 3 are in the second
+// source, from index 64.
+struct GatherIndices {
+  alignas(64) uint8_t first[64];
+  alignas(64) uint8_t second[64];
+  constexpr GatherIndices() : first(), second() {
+    for (int d = 0; d < 16; ++d)
+      for (int j = 0; j < 4; ++j) {
+        first[4 * d + j] = static_cast<uint8_t>(32 * j + d);
+        second[4 * d + j] = static_cast<uint8_t>(32 * j + 16 + d);
+      }
+  }
+};
+constexpr GatherIndices kGather{};
+
 // Rows [64 * block, 64 * block + 64): four accumulators of 16 rows.
 template <typename T>
 void block_product(const uint8_t* packed, const at::BFloat16* scale_zero, const QuantizedRow& x,
                    int64_t block, int64_t K, int64_t N, int64_t group, T* out) {
   const uint8_t* base = packed + block * K * (kBlock / 2);
-  // byte 4d + j of a lane-gathering index: k = j's byte d (rows 0-15) or 16 + d (rows 16-31)
-  alignas(64) uint8_t first[64], second[64];
-  for (int d = 0; d < 16; ++d) {
-    const uint8_t offsets[4] = {0, 32, 64, 96};
-    for (int j = 0; j < 4; ++j) {
-      first[4 * d + j] = offsets[j] + d;
-      second[4 * d + j] = offsets[j] + 16 + d;
-    }
-  }
-  const __m512i gather0 = _mm512_load_si512(first);
-  const __m512i gather1 = _mm512_load_si512(second);
+  const __m512i gather0 = _mm512_load_si512(kGather.first);
+  const __m512i gather1 = _mm512_load_si512(kGather.second);
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),

@@ -199,7 +199,6 @@ def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
     assert not torch.equal(layer(many), F.linear(many, weight))
     # gsopt's C++ unpacking (a slice of columns at a time) and the torch one it falls back
     # to give the same bf16 weight: the products differ only by the GEMM's summation order
-    assert layer.unpack_in_cpp == (cpu_kernels.unavailable() is None)
     in_torch = F.linear(many, dequantize(weight))
     torch.testing.assert_close(layer(many), in_torch, rtol=0.01, atol=0.01)
     layer.unpack_in_cpp = False

@@ -85,14 +85,15 @@ class CpuInt4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows == 1 and self.int8_rows:
-            out = int4_gemv(self.weight, x.reshape(1, -1)).view(*x.shape[:-1], -1)
-            return out if self.bias is None else out + self.bias
-        if rows < DEQUANTIZE_ROWS:
+            out = int4_gemv(self.weight, x.reshape(1, -1))
+        elif rows < DEQUANTIZE_ROWS:
             return F.linear(x, self.weight, self.bias)
-        if self.unpack_in_cpp:
-            out = int4_linear(self.weight, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
-            return out if self.bias is None else out + self.bias
-        return F.linear(x, dequantize(self.weight).to(x.dtype), self.bias)
+        elif self.unpack_in_cpp:
+            out = int4_linear(self.weight, x.reshape(-1, x.shape[-1]))
+        else:
+            return F.linear(x, dequantize(self.weight).to(x.dtype), self.bias)
+        out = out.view(*x.shape[:-1], -1)
+        return out if self.bias is None else out + self.bias
 
 
 def cpu_int4_linears_(module: nn.Module, int8_rows: bool) -> int:

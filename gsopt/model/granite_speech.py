@@ -198,7 +198,7 @@ def _hf_to_gsopt_names(input_sd: Mapping[str, Any], **kwargs: Any) -> dict[str, 
         name = _AUDIO_PREFIX.sub(r"\1.", name)
         name = _DECODER_PREFIX.sub("decoder.model.", name)
         name = _HEAD_PREFIX.sub("decoder.lm_head.", name)
-        new_sd[name] = pointwise_weight(name, tensor) if name.startswith("encoder.") else tensor
+        new_sd[name] = pointwise_weight(name, tensor)
     return new_sd
 
 
