@@ -1,13 +1,15 @@
 """gsopt's CPU kernels (`cpu_kernels.cpp`), built on first use: int4 on torchao's packed layout,
 and a bf16 row on BF16 dot products.
 
-- `int4_gemv`, one row: torchao's CPU int4 kernel converts every weight to float before it
-  multiplies, so a batch-1 decode step reads int4 weights at about 27 GB/s on a 2-core
-  AVX-512 EPYC, where the memory gives 45. This op quantizes the row to int8 per weight group,
-  as llama.cpp's q4 x q8 product does, and multiplies on VNNI: 41 GB/s. That makes it lossy
-  beyond the int4 weights; `[quantize] activations = "int8"` asks for it.
-- `int4_linear`, a prefill's rows: the torchao kernel is compute-bound at about 340 GFLOP/s
-  for any row count, oneDNN's bf16 GEMM runs at 700-900. This op unpacks the weight to bf16
+- `int4_int8_linear`, any number of rows: torchao's CPU int4 kernel converts every weight to
+  float before it multiplies, so a batch-1 decode step reads int4 weights at about 27 GB/s on
+  a 2-core AVX-512 EPYC, where the memory gives 45, and a prefill runs at the float rate.
+  This op quantizes each row to int8 per weight group, as llama.cpp's q4 x q8 product does,
+  and multiplies on VNNI: one row reads 41 GB/s there; 172 rows on a 2-core Xeon make 650-790
+  GOP/s, where the bf16 unpacking below made 170-230. That makes it lossy beyond the int4
+  weights; `[quantize] activations = "int8"` asks for it.
+- `int4_linear`, a prefill's rows kept in float: the torchao kernel is compute-bound at about
+  340 GFLOP/s for any row count, oneDNN's bf16 GEMM runs at 700-900 on the EPYC. This op unpacks the weight to bf16
   a cache-sized slice of columns at a time (16 elements/ns, where inductor's code for the
   same unpacking, `gsopt.engine.cpu_int4.dequantize`, makes 3) and multiplies each slice.
 - `bf16_gemv`, one bf16 row (a bf16 decode step's linears, `gsopt.engine.cpu_linear`):
@@ -56,9 +58,9 @@ def unavailable() -> str | None:
     except Exception as e:  # no compiler, or one without these flags
         return f"building {source.name} failed ({type(e).__name__})"
 
-    @torch.library.register_fake("gsopt_cpu::int4_gemv")
+    @torch.library.register_fake("gsopt_cpu::int4_int8_linear")
     def _(x, packed, scale_and_zero, group_size, rows):
-        return x.new_empty((1, rows))
+        return x.new_empty((x.shape[0], rows))
 
     @torch.library.register_fake("gsopt_cpu::bf16_gemv")
     def _(x, weight):
@@ -76,9 +78,10 @@ def has_bf16_gemv() -> bool:
     return "avx512_bf16" in cpu_features() and unavailable() is None
 
 
-def int4_gemv(weight, x: torch.Tensor) -> torch.Tensor:
-    """[1, K] times torchao's `Int4OpaqueTensor` [N, K] (A16W4): [1, N] in x's dtype."""
-    return torch.ops.gsopt_cpu.int4_gemv(
+def int4_int8_linear(weight, x: torch.Tensor) -> torch.Tensor:
+    """[M, K] times torchao's `Int4OpaqueTensor` [N, K] (A16W4), x quantized to int8 per row
+    and weight group: [M, N] in x's dtype."""
+    return torch.ops.gsopt_cpu.int4_int8_linear(
         x, weight.qdata, weight.scale_and_zero, weight.block_size[-1], weight.shape[0]
     )
 
@@ -94,14 +97,14 @@ def int4_linear(weight, x: torch.Tensor) -> torch.Tensor:
 def reference(
     x: torch.Tensor, values: torch.Tensor, scale_and_zero: torch.Tensor, group: int
 ) -> torch.Tensor:
-    """The op in float64: `values` [N, K] (0..15), `scale_and_zero` [K / group, N, 2], the
-    row quantized to int8 per group (round half to even, as the op's nearbyint)."""
+    """`int4_int8_linear` in float64: x [M, K], `values` [N, K] (0..15), `scale_and_zero`
+    [K / group, N, 2], each row quantized to int8 per group (round half to even, as the op)."""
     rows, cols = values.shape
-    x = x.double().view(cols // group, group)
+    x = x.double().view(x.shape[0], cols // group, group)
     amax = x.abs().amax(-1, keepdim=True)
     a = torch.where(amax > 0, amax.float() / 127, 1.0).double()  # the op's float32 scale
-    xq = torch.round(x / a).clamp(-127, 127)
+    xq = torch.round(x.float() / a.float()).double().clamp(-127, 127)  # the op divides in fp32
     q = values.double().view(rows, cols // group, group)
-    dot = torch.einsum("ngk,gk->gn", q - 8, xq)  # [groups, N]
-    scale, zero = scale_and_zero.double().unbind(-1)
-    return (scale * a * dot + zero * x.sum(-1, keepdim=True)).sum(0)[None]
+    dot = torch.einsum("ngk,mgk->mgn", q - 8, xq)  # [M, groups, N]
+    scale, zero = scale_and_zero.double().unbind(-1)  # [groups, N]
+    return (scale * a * dot + zero * x.sum(-1, keepdim=True)).sum(1)

@@ -57,11 +57,14 @@ def int8_weight_only_recipe(tmp_path):
     return load_recipe(path)
 
 
-def int4_recipe(tmp_path, group_size: int = 32):
-    """The int4-decoder recipe at a group size that divides the tiny model's width (64)."""
-    path = tmp_path / "int4.toml"
-    text = (load_recipe_text("int4-decoder")).replace(
-        "group_size = 128", f"group_size = {group_size}"
+def int4_recipe(tmp_path, group_size: int = 32, activations: str = "int8"):
+    """The int4-decoder recipe at a group size that divides the tiny model's width (64), its
+    CPU activations int8 (as shipped) or float."""
+    path = tmp_path / f"int4-{activations}.toml"
+    text = (
+        load_recipe_text("int4-decoder")
+        .replace("group_size = 128", f"group_size = {group_size}")
+        .replace('activations = "int8"', f'activations = "{activations}"')
     )
     path.write_text(text)
     return load_recipe(path)
@@ -89,7 +92,7 @@ def test_quantized_decoder_stays_close_and_compiles_to_one_graph(weights, tmp_pa
         "int4-one-row": lambda: int4_recipe(tmp_path),
     }[weights]()
     clips = waves()[:1] if weights.endswith("one-row") else waves()
-    if weights.startswith("int4"):  # prompts past DEQUANTIZE_ROWS: the prefill dequantizes
+    if weights.startswith("int4"):  # prompts past 8 rows: the kernel gathers a block once
         clips = [torch.cat([clip] * 6) for clip in clips]
     stages = apply(model, recipe)
     assert is_quantized(model.decoder.head.weight)
@@ -173,10 +176,11 @@ def test_int4_unpacking_reads_back_the_cpu_kernels_layout(rows):
 
 
 def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
-    """A prefill's rows multiply the int4 weight dequantized to bf16 (one GEMM); a decode
-    step's keep torchao's kernel. Both equal the same int4 weight in float64, within bf16."""
+    """With float activations, a prefill's rows multiply the int4 weight dequantized to bf16
+    (one GEMM); a decode step's keep torchao's kernel. Both equal the same int4 weight in
+    float64, within bf16."""
     model = gsopt.load_model("tiny", seed=1, lora="none")
-    apply(model, int4_recipe(tmp_path))
+    apply(model, int4_recipe(tmp_path, activations="float"))
     layers = [m for m in model.decoder.modules() if isinstance(m, CpuInt4Linear)]
     if not layers:
         pytest.skip("this CPU's int4 layout is not AVX-512's: the kernel keeps every row")
@@ -207,10 +211,11 @@ def test_int4_prefill_rows_run_on_a_dequantized_weight(tmp_path):
 
 @pytest.mark.parametrize(("rows", "cols", "group"), [(192, 256, 32), (64 * 5 + 16, 512, 128)])
 def test_int4_kernels_match_their_plain_torch_references(rows, cols, group):
-    """gsopt's VNNI kernel against its float64 reference (the row quantized to int8 per
-    group), whole 64-row blocks and a short last block; it is not the torchao kernel's
-    product (which keeps the row in float) but stays near it. The prefill op against the
-    torch unpacking's product."""
+    """gsopt's VNNI kernel against its float64 reference (each row quantized to int8 per
+    group), whole 64-row blocks and a short last block, for row counts that take each of its
+    paths (weights gathered as they go, up to 8 rows; gathered once per block for more, in
+    tiles of 6 and a remainder). It is not the torchao kernel's product (which keeps the rows
+    in float) but stays near it. The bf16 prefill op against the torch unpacking's product."""
     from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
 
     if why := cpu_kernels.unavailable():
@@ -220,15 +225,28 @@ def test_int4_kernels_match_their_plain_torch_references(rows, cols, group):
         torch.randn(rows, cols, generator=generator).bfloat16(), [1, group]
     )
     values = unpack_int4(weight.qdata, rows, cols)
-    x = torch.randn(1, cols, generator=generator)
-    expected = cpu_kernels.reference(x, values, weight.scale_and_zero, group)
-    got = cpu_kernels.int4_gemv(weight, x).double()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.bfloat16(), weight.qdata, group, weight.scale_and_zero
-    ).double()
-    moved = (got - kernel).norm() / kernel.norm()
-    assert 1e-4 < moved < 0.03
+    for count in (1, 5, 13):
+        x = torch.randn(count, cols, generator=generator)
+        expected = cpu_kernels.reference(x, values, weight.scale_and_zero, group)
+        got = cpu_kernels.int4_int8_linear(weight, x)
+        torch.testing.assert_close(
+            got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max()
+        )
+        # each row's product is the same whichever path and tile it took
+        one_by_one = torch.cat([cpu_kernels.int4_int8_linear(weight, row[None]) for row in x])
+        assert torch.equal(got, one_by_one)
+        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.bfloat16(), weight.qdata, group, weight.scale_and_zero
+        ).double()
+        moved = (got.double() - kernel).norm() / kernel.norm()
+        assert 1e-4 < moved < 0.03
+    # bf16 rows: the same product, rounded to bf16
+    torch.testing.assert_close(
+        cpu_kernels.int4_int8_linear(weight, x.bfloat16()).float(),
+        cpu_kernels.reference(x.bfloat16(), values, weight.scale_and_zero, group).float(),
+        rtol=0.01,
+        atol=0.01 * expected.abs().max().item(),
+    )
     # the prefill op on the same weight: the torch unpacking's product, to bf16 rounding
     many = torch.randn(64, cols, generator=generator).bfloat16()
     expected = F.linear(many, dequantize(weight)).float()
@@ -236,26 +254,27 @@ def test_int4_kernels_match_their_plain_torch_references(rows, cols, group):
     torch.testing.assert_close(got, expected, rtol=0.01, atol=0.01 * expected.abs().max())
 
 
-def test_int4_one_row_products_take_the_vnni_kernel_only_where_asked(tmp_path):
-    """int4-decoder ([cpu.quantize] activations = "int8") sends one row to the kernel; the
-    same recipe with float activations keeps torchao's kernel for it."""
+def test_int4_products_take_the_vnni_kernel_only_where_asked(tmp_path):
+    """int4-decoder ([cpu.quantize] activations = "int8") sends every row count to the
+    kernel; the same recipe with float activations keeps torchao's kernel for a decode
+    step's rows and the bf16 unpacking for a prefill's."""
     if why := cpu_kernels.unavailable():
         pytest.skip(why)
     model = gsopt.load_model("tiny", seed=1, lora="none")
     apply(model, int4_recipe(tmp_path))
     layer = next(m for m in model.decoder.modules() if isinstance(m, CpuInt4Linear))
-    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
-    assert torch.equal(layer(x), cpu_kernels.int4_gemv(layer.weight, x[0]).view_as(layer(x)))
-    path = tmp_path / "int4-float.toml"
-    path.write_text(
-        (tmp_path / "int4.toml")
-        .read_text()
-        .replace('activations = "int8"', 'activations = "float"')
-    )
+    torch.manual_seed(0)
+    for count in (1, DEQUANTIZE_ROWS):
+        x = torch.randn(1, count, layer.in_features, dtype=torch.bfloat16)
+        kernel = cpu_kernels.int4_int8_linear(layer.weight, x[0]).view_as(layer(x))
+        assert torch.equal(layer(x), kernel)
     plain = gsopt.load_model("tiny", seed=1, lora="none")
-    apply(plain, load_recipe(path))
+    apply(plain, int4_recipe(tmp_path, activations="float"))
     layer = next(m for m in plain.decoder.modules() if isinstance(m, CpuInt4Linear))
+    x = torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
+    many = torch.randn(DEQUANTIZE_ROWS, layer.in_features, dtype=torch.bfloat16)
+    assert torch.equal(layer(many), cpu_kernels.int4_linear(layer.weight, many))
 
 
 def _decode_step_code(model, step) -> str:

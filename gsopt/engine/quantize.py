@@ -16,8 +16,9 @@ Which kernel runs matters more than the format (measured on a 2-core AVX-512 EPY
   the CPU; on CUDA this is the path (`compute_dtype = "bfloat16"`).
 - int4 on a CPU: torchao's prototype `Int4OpaqueTensor` calls
   `_weight_int4pack_mm_for_cpu`, 13.5 GB/s with bf16 activations and a trap with float32
-  ones (0.6 GB/s), so the int4 recipe computes in bf16 there. A prefill's many rows
-  dequantize to bf16 and run oneDNN's GEMM instead (`gsopt.engine.cpu_int4`).
+  ones (0.6 GB/s), so the int4 recipe computes in bf16 there. With int8 activations gsopt's
+  VNNI kernel takes every product; without, a prefill's many rows dequantize to bf16 and run
+  oneDNN's GEMM (`gsopt.engine.cpu_int4`).
 Any quantization makes a recipe lossy: its reports give token agreement, KL divergence and
 logit error instead of demanding identical tokens.
 """
@@ -38,7 +39,7 @@ from gsopt.runtime import DTYPES
 WEIGHTS = ("int8", "int4", "float8")
 # What quantized weights multiply: float activations (weight-only), or activations quantized
 # to int8 where int8 products are faster: int8 weights per row, one row or a prefill's
-# (`gsopt.engine.cpu_int8`); int4 weights per group, one row (`gsopt.engine.cpu_int4`).
+# (`gsopt.engine.cpu_int8`); int4 weights per group, any rows (`gsopt.engine.cpu_int4`).
 ACTIVATIONS = ("float", "int8")
 GROUP_SIZES = (32, 64, 128)
 QUANTIZABLE_STAGES = ("decoder", "encoder", "projector")

@@ -54,8 +54,8 @@ def _resolved(recipe: Recipe, device: torch.device, notes: list[str]):
 
         if why := unavailable():
             notes.append(
-                f"activations = 'int8' with int4 weights: {why}, so one-row products keep "
-                "torchao's int4 kernel (bf16 activations)"
+                f"activations = 'int8' with int4 weights: {why}, so the products keep bf16 "
+                "activations (torchao's int4 kernel, a prefill's on the weight unpacked to bf16)"
             )
     return settings, impls
 
