@@ -9,9 +9,10 @@ and a bf16 row on BF16 dot products.
   GOP/s, where the bf16 unpacking below made 170-230. That makes it lossy beyond the int4
   weights; `[quantize] activations = "int8"` asks for it.
 - `int4_linear`, a prefill's rows kept in float: the torchao kernel is compute-bound at about
-  340 GFLOP/s for any row count, oneDNN's bf16 GEMM runs at 700-900 on the EPYC. This op unpacks the weight to bf16
-  a cache-sized slice of columns at a time (16 elements/ns, where inductor's code for the
-  same unpacking, `gsopt.engine.cpu_int4.dequantize`, makes 3) and multiplies each slice.
+  340 GFLOP/s for any row count, oneDNN's bf16 GEMM runs at 700-900 on the EPYC. This op
+  unpacks the weight to bf16 a cache-sized slice of columns at a time (16 elements/ns, where
+  inductor's code for the same unpacking, `gsopt.engine.cpu_int4.dequantize`, makes 3) and
+  multiplies each slice.
 - `bf16_gemv`, one bf16 row (a bf16 decode step's linears, `gsopt.engine.cpu_linear`):
   inductor's reduction converts every bf16 weight to fp32 before it multiplies, near 38 GB/s
   here; `vdpbf16ps` multiplies bf16 pairs and reads at the memory's rate.
