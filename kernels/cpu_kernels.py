@@ -13,14 +13,15 @@ and a bf16 row on BF16 dot products.
   unpacks the weight to bf16 a cache-sized slice of columns at a time (16 elements/ns, where
   inductor's code for the same unpacking, `gsopt.engine.cpu_int4.dequantize`, makes 3) and
   multiplies each slice.
-- `bf16_gemv`, one bf16 row (a bf16 decode step's linears, `gsopt.engine.cpu_linear`):
+- `gemv`, one fp32 or bf16 row (a compiled decode step's linears, `gsopt.engine.cpu_linear`):
   inductor's reduction converts every bf16 weight to fp32 before it multiplies, near 38 GB/s
-  here; `vdpbf16ps` multiplies bf16 pairs and reads at the memory's rate.
+  on the EPYC, and reads fp32 weights at 14-22 GB/s on the Xeon where MKL reads 24-26; this
+  reads row after row at the memory's rate, bf16 on `vdpbf16ps`.
 
 No maintained library does the int4 products on this layout (torchao's DA8W4 kernel ships
 only in builds with its C++ extension, and takes its own layout), so these are small kernels,
 torch custom ops beside plain-torch references: `reference` below, `cpu_int4.dequantize`, and
-for `bf16_gemv` any float64 product. They need AVX512-BW, -VBMI and -VNNI (`bf16_gemv` also
+for `gemv` any float64 product. They need AVX512-BW, -VBMI and -VNNI (`gemv`'s bf16 rows also
 AVX512-BF16) and a C++ compiler (the one inductor uses); elsewhere `unavailable()` says why,
 and the torchao kernel, the torch unpacking and inductor's reduction serve instead.
 """
@@ -63,7 +64,7 @@ def unavailable() -> str | None:
     def _(x, packed, scale_and_zero, group_size, rows):
         return x.new_empty((x.shape[0], rows))
 
-    @torch.library.register_fake("gsopt_cpu::bf16_gemv")
+    @torch.library.register_fake("gsopt_cpu::gemv")
     def _(x, weight):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -74,9 +75,12 @@ def unavailable() -> str | None:
     return None
 
 
-def has_bf16_gemv() -> bool:
-    """Whether `gsopt_cpu::bf16_gemv` runs here: the kernels built, and BF16 dot products."""
-    return "avx512_bf16" in cpu_features() and unavailable() is None
+def has_gemv(dtype: torch.dtype) -> bool:
+    """Whether `gsopt_cpu::gemv` takes rows of `dtype` here: fp32 where the kernels built,
+    bf16 also needs BF16 dot products."""
+    if dtype not in (torch.float32, torch.bfloat16) or unavailable() is not None:
+        return False
+    return dtype == torch.float32 or "avx512_bf16" in cpu_features()
 
 
 def int4_int8_linear(weight, x: torch.Tensor) -> torch.Tensor:

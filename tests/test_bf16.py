@@ -1,5 +1,5 @@
 """The `bf16` recipe: every stage in bfloat16, how far that moves an fp32 model, one decode
-graph, the note on a CPU without BF16 dot products, and the one-row bf16 kernel."""
+graph, the note on a CPU without BF16 dot products, and the one-row kernel (bf16 and fp32)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch._inductor.utils import run_and_get_code
 import gsopt
 from gsopt.engine.cpu_linear import OneDNNLinear
 from gsopt.engine.pipeline import Pipeline, Stages
-from gsopt.kernels.cpu_kernels import has_bf16_gemv
+from gsopt.kernels.cpu_kernels import has_gemv
 from gsopt.measure.accuracy import teacher_forced
 from gsopt.recipe import apply, build, load_recipe
 from gsopt.recipe.settings import lossy_reasons
@@ -72,31 +72,39 @@ def test_best_runs_bf16_on_a_cpu_with_bf16_units_and_says_it_is_not_float32():
     assert not any("[cpu-bf16]" in note for note in apply(model, best).report.notes)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("rows", "cols"), [(256, 1024), (130, 100)])
-def test_bf16_gemv_matches_float64(rows, cols):
-    """gsopt's one-row bf16 product on BF16 dot products: whole groups of 4 rows and 32
-    columns, and remainders of both."""
-    if not has_bf16_gemv():
-        pytest.skip("no BF16 dot products, or gsopt's CPU kernels do not build here")
+def test_gemv_matches_float64(rows, cols, dtype):
+    """gsopt's one-row product (BF16 dot products, or fp32 FMAs): whole unrolled steps of k,
+    single vectors and a scalar remainder."""
+    if not has_gemv(dtype):
+        pytest.skip(f"gsopt's CPU kernels take no {dtype} rows here")
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(rows, cols, generator=generator).bfloat16()
-    x = torch.randn(1, 1, cols, generator=generator).bfloat16()
+    weight = torch.randn(rows, cols, generator=generator).to(dtype)
+    x = torch.randn(1, 1, cols, generator=generator).to(dtype)
     expected = x.double() @ weight.double().t()
-    got = torch.ops.gsopt_cpu.bf16_gemv(x, weight).double()
-    # fp32 sums of exact products, rounded to bf16
-    torch.testing.assert_close(got, expected, rtol=8e-3, atol=8e-3 * expected.abs().max())
+    got = torch.ops.gsopt_cpu.gemv(x, weight)
+    assert got.dtype == dtype and got.shape == (1, 1, rows)
+    # fp32 sums of exact products (rounded to bf16 for bf16 rows)
+    tolerance = 8e-3 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(
+        got.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max()
+    )
 
 
-def test_a_compiled_bf16_row_takes_the_dot_product_kernel():
-    """A decode step's one-row products of a bf16 oneDNN linear (plain weight kept) run
-    gsopt's kernel in compiled code; an fp32 one keeps inductor's reduction."""
-    if not has_bf16_gemv():
-        pytest.skip("no BF16 dot products, or gsopt's CPU kernels do not build here")
-    for dtype, expected in ((torch.bfloat16, True), (torch.float32, False)):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_compiled_row_takes_the_gemv_kernel(dtype):
+    """A decode step's one-row products of a oneDNN linear that keeps its plain weight run
+    gsopt's kernel in compiled code; without the plain weight, or for two rows, oneDNN's op."""
+    if not has_gemv(dtype):
+        pytest.skip(f"gsopt's CPU kernels take no {dtype} rows here")
+    for keep_plain, rows, expected in ((True, 1, True), (False, 1, False), (True, 2, False)):
         torch._dynamo.reset()
-        linear = OneDNNLinear(nn.Linear(64, 96, bias=False).to(dtype), keep_plain=True)
-        x = torch.randn(1, 1, 64, dtype=dtype)
+        linear = OneDNNLinear(nn.Linear(64, 96, bias=False).to(dtype), keep_plain=keep_plain)
+        x = torch.randn(1, rows, 64, dtype=dtype)
+        plain = linear.plain if keep_plain else None
         with torch.no_grad():
             out, codes = run_and_get_code(torch.compile(linear), x)
-            torch.testing.assert_close(out, F.linear(x, linear.plain), rtol=1e-2, atol=1e-2)
-        assert ("gsopt_cpu.bf16_gemv" in "\n".join(codes)) == expected
+        if plain is not None:
+            torch.testing.assert_close(out, F.linear(x, plain), rtol=1e-2, atol=1e-2)
+        assert ("gsopt_cpu.gemv" in "\n".join(codes)) == expected

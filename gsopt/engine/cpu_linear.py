@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gsopt.engine.quantize import is_quantized
-from gsopt.kernels.cpu_kernels import has_bf16_gemv
+from gsopt.kernels.cpu_kernels import has_gemv
 
 # Rows the packed layout is tuned for: a verify step's k; it serves 1 and 170 rows as well.
 ROWS_HINT = 8
@@ -37,9 +37,10 @@ class OneDNNLinear(nn.Module):
     device and dtype; not a plain strided tensor).
 
     With `keep_plain`, the original weight stays too, for one-row products inside compiled
-    code: there inductor turns them into reductions that read memory faster still (31 vs
-    27 GB/s, `gsopt.recipe.build`), at the cost of holding the layer's weights twice (a tied lm
-    head's plain weight is the embedding table, so it costs nothing)."""
+    code: there gsopt's GEMV reads it at the memory's rate, or, where that kernel cannot run,
+    inductor turns them into reductions (31 vs oneDNN's 27 GB/s on a 2-core EPYC), at the
+    cost of holding the layer's weights twice (a tied lm head's plain weight is the embedding
+    table, so it costs nothing)."""
 
     def __init__(self, linear: nn.Linear, keep_plain: bool = False):
         super().__init__()
@@ -48,14 +49,15 @@ class OneDNNLinear(nn.Module):
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = linear.bias
         self.plain = linear.weight if keep_plain else None
-        # A bf16 row on BF16 dot products (gsopt.kernels.cpu_kernels.bf16_gemv): inductor's
-        # reduction converts each bf16 weight to fp32 first, compute-bound near 38 GB/s.
-        self.dot_bf16 = keep_plain and linear.weight.dtype == torch.bfloat16 and has_bf16_gemv()
+        # One row on gsopt's GEMV (gsopt.kernels.cpu_kernels.gemv) where it runs: inductor's
+        # reduction reads fp32 weights at 14 GB/s on a 2-core Xeon (the kernel and MKL 24), and
+        # converts each bf16 weight to fp32 first, compute-bound near 38 GB/s on an EPYC.
+        self.gemv = keep_plain and has_gemv(linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.plain is not None and torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
-            if self.dot_bf16:
-                out = torch.ops.gsopt_cpu.bf16_gemv(x, self.plain)
+            if self.gemv:
+                out = torch.ops.gsopt_cpu.gemv(x, self.plain)
                 return out if self.bias is None else out + self.bias
             return F.linear(x, self.plain, self.bias)
         return onednn_linear(x, self.weight, self.bias)
