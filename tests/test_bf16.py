@@ -3,6 +3,8 @@ graph, the note on a CPU without BF16 dot products, and the one-row kernel (bf16
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,10 +16,10 @@ import gsopt
 from gsopt.engine.cpu_linear import OneDNNLinear
 from gsopt.engine.pipeline import Pipeline, Stages
 from gsopt.kernels.cpu_kernels import has_gemv
-from gsopt.measure.accuracy import teacher_forced
-from gsopt.recipe import apply, build, load_recipe
+from gsopt.measure.accuracy import stage_errors, teacher_forced
+from gsopt.recipe import apply, build, load_recipe, settings, transforms
 from gsopt.recipe.settings import lossy_reasons
-from gsopt.runtime import has_bf16_dot
+from gsopt.runtime import bf16_gemm_outruns_fp32, has_bf16_dot
 
 TEMPLATE = [5, 6, AUDIO_TOKEN_ID, 7, 8, 9]
 
@@ -56,20 +58,73 @@ def test_a_cpu_without_bf16_units_gets_a_note(monkeypatch):
 
 
 def test_best_runs_bf16_on_a_cpu_with_bf16_units_and_says_it_is_not_float32():
+    """[cpu-bf16]: the decoder in bf16, the audio stages fp32; [cpu-bf16-gemm], where bf16
+    GEMMs measure faster than fp32 ones, every stage in bf16. Which ran is said."""
     best = load_recipe("best")
     assert best.devices["cpu-bf16"].linear == best.devices["cpu"].linear == "onednn"
     assert best.devices["cpu"].dtype is None
-    stages = apply(gsopt.load_model("tiny", seed=1, lora="none"), best)
-    said = [note for note in stages.report.notes if "[cpu-bf16]" in note]
-    if has_bf16_dot():
-        assert best.for_device("cpu").dtype == "bfloat16"
-        assert said and "not float32: lossy" in said[0]
-        assert lossy_reasons(best, torch.float32, "cpu") == ["casts the weights to bfloat16"]
-    else:
-        assert best.for_device("cpu") is best.devices["cpu"] and not said
-    # A bf16 model runs [cpu-bf16] losslessly: nothing to say.
+    assert (best.devices["cpu-bf16"].dtype, best.devices["cpu-bf16"].audio_dtype) == (
+        "bfloat16",
+        "float32",
+    )
+    gemm = best.devices["cpu-bf16-gemm"]
+    assert (gemm.dtype, gemm.audio_dtype) == ("bfloat16", "bfloat16")
+    assert gemm.encoder.backend == "compile"
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    stages = apply(model, best)
+    said = [note for note in stages.report.notes if "[cpu-bf16" in note]
+    runs = best.for_device("cpu")
+    if not has_bf16_dot():
+        assert runs is best.devices["cpu"] and not said
+        return
+    audio = torch.bfloat16 if bf16_gemm_outruns_fp32() else torch.float32
+    assert runs is best.devices["cpu-bf16-gemm" if audio == torch.bfloat16 else "cpu-bf16"]
+    assert model.decoder.head.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.encoder.parameters()} == {audio}
+    assert said and "not float32: lossy" in said[0]
+    assert lossy_reasons(best, torch.float32, "cpu")[0].startswith(
+        "casts the weights to bfloat16" if audio == torch.bfloat16 else "casts the decoder's"
+    )
+    # A bf16 model runs the decoder's table losslessly: nothing to say.
     model = gsopt.load_model("tiny", seed=1, lora="none", dtype=torch.bfloat16)
-    assert not any("[cpu-bf16]" in note for note in apply(model, best).report.notes)
+    assert not any("[cpu-bf16" in note for note in apply(model, best).report.notes)
+
+
+def test_machine_tables_go_from_the_most_specific_kind(monkeypatch):
+    """for_device's choice for each answer of the machine probes (stand-ins for CPUs this
+    host is not), and the probe itself never claims fast bf16 GEMMs without BF16 units."""
+    best = load_recipe("best")
+    for bf16, gemm, table in ((True, True, "cpu-bf16-gemm"), (True, False, "cpu-bf16")):
+        monkeypatch.setitem(settings.MACHINE_KINDS, "cpu-bf16", lambda bf16=bf16: bf16)
+        monkeypatch.setitem(settings.MACHINE_KINDS, "cpu-bf16-gemm", lambda gemm=gemm: gemm)
+        assert best.for_device("cpu") is best.devices[table]
+        assert best.for_device("cuda") is best.devices["cuda"]
+    monkeypatch.setitem(settings.MACHINE_KINDS, "cpu-bf16", lambda: False)
+    monkeypatch.setitem(settings.MACHINE_KINDS, "cpu-bf16-gemm", lambda: False)
+    assert best.for_device("cpu") is best.devices["cpu"]
+    assert not bf16_gemm_outruns_fp32() or has_bf16_dot()
+
+
+def test_a_bf16_decoder_under_fp32_audio_stages_keeps_their_weights_exact():
+    """dtype = "bfloat16" with audio_dtype = "float32": the encoder and projector keep the
+    fp32 weights bit for bit (not rounded through bf16), the decoder is bf16, and the
+    pipeline hands the fp32 audio rows to the bf16 prefill."""
+    torch._dynamo.reset()
+    reference = gsopt.load_model("tiny", seed=1, lora="none")
+    model = gsopt.load_model("tiny", seed=1, lora="none")
+    recipe = dataclasses.replace(load_recipe("static-kv"), dtype="bfloat16", audio_dtype="float32")
+    stages = apply(model, recipe)
+    for name in ("encoder", "projector"):
+        ours, theirs = getattr(model, name).state_dict(), getattr(reference, name).state_dict()
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    assert {p.dtype for p in model.decoder.parameters()} == {torch.bfloat16}
+    assert not transforms.CastDtype("bfloat16", "float32").changes(model)
+    assert transforms.CastDtype("bfloat16", "float32").changes(reference)
+    tokens = Pipeline(reference, Stages.eager(reference))(waves(), TEMPLATE, 12)
+    assert Pipeline(model, stages)(waves(), TEMPLATE, 12).shape == tokens.shape
+    moved = teacher_forced(reference, model, waves(), TEMPLATE, tokens)
+    assert moved["kl_median"] < 1e-2 and moved["logits_rel_rms_median"] > 1e-4
+    assert stage_errors(reference, model, waves()) == {"encoder": 0.0, "projector": 0.0}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

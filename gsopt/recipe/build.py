@@ -26,7 +26,7 @@ from gsopt.errors import GsoptError
 from gsopt.model.family import family_of
 from gsopt.model.loader import load_draft_model
 from gsopt.recipe.compile import GEMV_STAGES, describe, portable, wrap
-from gsopt.recipe.settings import Recipe, StageRecipe, load_recipe
+from gsopt.recipe.settings import MACHINE_TABLES, Recipe, StageRecipe, load_recipe
 from gsopt.recipe.transforms import changes_model, model_dtype, model_transforms
 from gsopt.runtime import dtype_name, has_bf16_dot
 
@@ -187,6 +187,12 @@ PIPELINES = {
 }
 
 
+MACHINE_KIND_NOTES = {
+    "cpu-bf16": "this CPU has BF16 dot products",
+    "cpu-bf16-gemm": "this CPU's bf16 GEMMs outrun its fp32 ones",
+}
+
+
 def apply(model: torch.nn.Module, recipe: Recipe, draft_model=None) -> Stages | CTCStages:
     """Transform `model` as the recipe says (in place) and return its stages. A recipe that
     drafts with a model takes it as `draft_model` (`gsopt.model.loader.load_draft_model`),
@@ -194,12 +200,16 @@ def apply(model: torch.nn.Module, recipe: Recipe, draft_model=None) -> Stages | 
     device = next(model.parameters()).device
     runs = recipe.for_device(device.type)
     notes = []
-    bf16_table = runs is recipe.devices.get("cpu-bf16") and runs.dtype is not None
-    if bf16_table and runs.dtype != dtype_name(model_dtype(model)):
+    table = next((t for t in MACHINE_TABLES if runs is recipe.devices.get(t)), None)
+    has = dtype_name(model_dtype(model))
+    if table is not None and runs.dtype is not None and runs.dtype != has:
+        kind = MACHINE_KIND_NOTES[table]
+        audio = runs.audio_dtype or runs.dtype
+        where = "" if audio == runs.dtype else f", the encoder and projector {audio}"
         notes.append(
-            f"{recipe.name}: this CPU has BF16 dot products, so its [cpu-bf16] settings run "
-            f"(dtype {runs.dtype}, not {dtype_name(model_dtype(model))}: lossy); for float32 "
-            "pick a recipe without them, e.g. compile-decoder"
+            f"{recipe.name}: {kind}, so its [{table}] settings run (dtype "
+            f"{runs.dtype}{where}, not {has}: lossy); for {has} pick a recipe without them, "
+            "e.g. compile-decoder"
         )
     return PIPELINES[family_of(model).name].build(model, runs, device, notes, draft_model)
 

@@ -31,7 +31,7 @@ from gsopt.engine.quantize import (
 from gsopt.engine.speculate import MODES as SPECULATION_MODES
 from gsopt.engine.speculate import Speculation
 from gsopt.errors import GsoptError
-from gsopt.runtime import DTYPES, has_bf16_dot
+from gsopt.runtime import DTYPES, bf16_gemm_outruns_fp32, has_bf16_dot
 
 BACKENDS = ("eager", "compile")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -43,9 +43,12 @@ LINEARS = ("aten", "onednn")
 STAGE_KNOBS = {"attention": attention.STAGES, "cudagraph": ("decode",)}
 # Device types a recipe can hold its own settings for.
 DEVICE_TYPES = ("cpu", "cuda")
-# Tables for a kind of machine within a device type, applied on top of that type's table:
-# `[cpu-bf16]` runs on a CPU with BF16 dot products (avx512_bf16, AMX).
-MACHINE_TABLES = {"cpu-bf16": "cpu"}
+# Tables for a kind of machine, applied on top of the table each names: `[cpu-bf16]` runs on a
+# CPU with BF16 dot products (avx512_bf16, AMX), `[cpu-bf16-gemm]` on one whose bf16 GEMMs
+# also outrun fp32 ones (measured, `gsopt.runtime.bf16_gemm_outruns_fp32`).
+MACHINE_TABLES = {"cpu-bf16": "cpu", "cpu-bf16-gemm": "cpu-bf16"}
+# Whether this machine is of each kind (the most specific first).
+MACHINE_KINDS = {"cpu-bf16-gemm": bf16_gemm_outruns_fp32, "cpu-bf16": has_bf16_dot}
 DEVICE_TABLES = (*DEVICE_TYPES, *MACHINE_TABLES)
 # Smallest allowed value of each numeric setting (and the largest, where there is one).
 MINIMUM = {
@@ -86,6 +89,9 @@ class Recipe:
     kv_cache: str = "dynamic"
     lora: str = "live"
     dtype: str | None = None
+    # The encoder's and projector's dtype where it differs from `dtype`: on a CPU whose BF16
+    # units halve a decode step's bytes but whose bf16 GEMMs are slower than fp32 ones.
+    audio_dtype: str | None = None
     linear: str = "aten"
     prefill_bucket: int = 64
     audio_buckets: bool = False
@@ -103,10 +109,12 @@ class Recipe:
     devices: dict[str, Recipe] = field(default_factory=dict, hash=False)
 
     def for_device(self, device_type: str) -> Recipe:
-        """What runs on `device_type`: the recipe with that device's table applied (and a
-        CPU with BF16 dot products, its `[cpu-bf16]` table on top)."""
-        if device_type == "cpu" and "cpu-bf16" in self.devices and has_bf16_dot():
-            return self.devices["cpu-bf16"]
+        """What runs on `device_type`: the recipe with that device's table applied, and the
+        most specific machine table this machine is of on top (`MACHINE_TABLES`)."""
+        for table, is_this_kind in MACHINE_KINDS.items():
+            if table in self.devices and _tables_under(table)[-1] == device_type:
+                if is_this_kind():
+                    return self.devices[table]
         return self.devices.get(device_type, self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,8 +134,17 @@ def lossy_reasons(recipe: Recipe, model_dtype: torch.dtype, device_type: str) ->
     demands identical greedy tokens)."""
     recipe = recipe.for_device(device_type)
     reasons = []
+    audio = recipe.audio_dtype or recipe.dtype
     if recipe.dtype is not None and DTYPES[recipe.dtype] != model_dtype:
-        reasons.append(f"casts the weights to {recipe.dtype}")
+        if audio is not None and DTYPES[audio] == model_dtype:
+            reasons.append(
+                f"casts the decoder's weights to {recipe.dtype} (the encoder and projector "
+                f"stay {audio})"
+            )
+        else:
+            reasons.append(f"casts the weights to {recipe.dtype}")
+    if audio not in (None, recipe.dtype) and DTYPES[audio] != model_dtype:
+        reasons.append(f"casts the encoder and projector to {audio}")
     if recipe.speculate is not None and recipe.speculate.mode == "relaxed":
         reasons.append("relaxed speculation keeps CTC drafts the decoder did not confirm")
     if recipe.num_beams > 1:
@@ -153,6 +170,7 @@ _ALLOWED_VALUES = {
     "kv_cache": tuple(KV_CACHES),
     "lora": LORAS,
     "dtype": tuple(DTYPES),
+    "audio_dtype": tuple(DTYPES),
     "linear": LINEARS,
 }
 
@@ -279,6 +297,14 @@ def _merged(base: dict[str, Any], table: Any, where: str) -> dict[str, Any]:
     return merged
 
 
+def _tables_under(table: str) -> list[str]:
+    """The tables a machine table goes on top of, nearest first: ending in a device type."""
+    chain = []
+    while (table := MACHINE_TABLES.get(table)) is not None:
+        chain.append(table)
+    return chain
+
+
 def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
     """A recipe from its TOML tables. `[cpu]` and `[cuda]` tables override any setting on
     that device type (vLLM-style presets: `best` is what measured best on each)."""
@@ -288,9 +314,9 @@ def parse_recipe(data: dict[str, Any], where: str) -> Recipe:
         for device in DEVICE_TYPES
         if device in data
     }
-    for table, device in MACHINE_TABLES.items():
+    for table in MACHINE_TABLES:
         if table in data:
-            under = merged.get(device, base)
+            under = next((merged[t] for t in _tables_under(table) if t in merged), base)
             merged[table] = _merged(under, data[table], f"{where} [{table}]")
     devices = {table: _parse(data, f"{where} [{table}]") for table, data in merged.items()}
     return dataclasses.replace(_parse(base, where), devices=devices)

@@ -36,14 +36,43 @@ class Transform(Protocol):
 
 @dataclass(frozen=True)
 class CastDtype:
-    dtype: str
+    """The model to `dtype`, except its encoder and projector where `audio_dtype` names
+    theirs (each tensor cast once: an fp32 encoder is not rounded through bf16)."""
+
+    dtype: str | None
+    audio_dtype: str | None = None
     stages = ("frontend", "encoder", "projector", "prefill", "decode")
 
+    def _audio(self, model) -> list[torch.nn.Module]:
+        if self.audio_dtype is None:
+            return []
+        return [part for name in ("encoder", "projector") if (part := getattr(model, name, None))]
+
     def changes(self, model) -> bool:
-        return model_dtype(model) != DTYPES[self.dtype]
+        audio = self._audio(model)
+        # the rest of the model's dtype read off its decoder
+        rest = getattr(model, "decoder", model) if audio else model
+        wanted = [(rest, self.dtype)] + [(part, self.audio_dtype) for part in audio]
+        return any(d is not None and model_dtype(m) != DTYPES[d] for m, d in wanted)
 
     def __call__(self, model) -> None:
-        model.to(DTYPES[self.dtype])
+        audio = self._audio(model)
+        if self.dtype is not None:
+            _cast_except(model, DTYPES[self.dtype], {id(part) for part in audio})
+        for part in audio:
+            part.to(DTYPES[self.audio_dtype])
+
+
+def _cast_except(module: torch.nn.Module, dtype: torch.dtype, skip: set[int]) -> None:
+    """`module.to(dtype)` leaving the submodules in `skip` as they are."""
+    if id(module) in skip:
+        return
+    if not any(id(m) in skip for m in module.modules()):
+        module.to(dtype)
+        return
+    module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+    for child in module.children():
+        _cast_except(child, dtype, skip)
 
 
 @dataclass(frozen=True)
@@ -124,8 +153,8 @@ def model_transforms(
     family = family_of(model)
     device = next(model.parameters()).device
     transforms: list[Transform] = []
-    if recipe.dtype is not None:
-        transforms.append(CastDtype(recipe.dtype))
+    if recipe.dtype is not None or recipe.audio_dtype is not None:
+        transforms.append(CastDtype(recipe.dtype, recipe.audio_dtype))
     if recipe.lora == "merged" and family.decoder:
         transforms.append(MergeLoRA())
     quantize = recipe.quantize
